@@ -1,0 +1,150 @@
+"""Step 1 of CTRL: fit p̂(y | x) on pairs (x, y) by maximum likelihood, then calibrate it.
+
+Calibration is one temperature T (logits / T) fitted by L-BFGS on held-back cross-entropy (Guo et al. 2017),
+as in the official code: the reward is log p̂(y|x), so its scale matters.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .config import ClassifierConfig
+from .io import CtrlDiffError, load_state, load_weights, save_weights
+from .models import SmallCNN
+
+
+class Classifier(nn.Module):
+    """A calibrated classifier on images in [-1, 1]: `forward` returns logits / T."""
+
+    def __init__(self, net: SmallCNN, name: str = ""):
+        super().__init__()
+        self.net, self.name = net, name
+        self.register_buffer("temperature", torch.ones(()))
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.head.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) / self.temperature
+
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        """log p̂(y | x), one value per image: the CTRL reward (before gamma)."""
+        return self(x).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, batch: int = 1024) -> Tensor:
+        return torch.cat([self(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)])
+
+    def save(self, path, extra: dict | None = None) -> None:
+        save_weights(path, self.state_dict(), {"kind": "classifier", "name": self.name,
+                                               "model": self.net.config, **(extra or {})})
+
+    @classmethod
+    def load(cls, path, name: str | None = None) -> "Classifier":
+        state, meta = load_weights(path)
+        if meta.get("kind") != "classifier":
+            raise CtrlDiffError(f"{path} is not a classifier checkpoint (kind={meta.get('kind')!r})")
+        if name is not None and meta.get("name") != name:
+            raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+        clf = cls(SmallCNN(**meta["model"]), meta.get("name", ""))
+        load_state(clf, state, path)
+        return clf.eval().requires_grad_(False)
+
+
+def expected_calibration_error(logits: Tensor, y: Tensor, bins: int = 15) -> float:
+    """ECE: the bin-weighted |accuracy - confidence| over equal-width confidence bins."""
+    conf, pred = logits.softmax(-1).max(-1)
+    correct = (pred == y).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.float().mean() * (correct[m].mean() - conf[m].mean()).abs()
+    return ece.item()
+
+
+def augment(x: Tensor, noise: float, shift: int, g: torch.Generator) -> Tensor:
+    """Random integer translation (border-padded) plus Gaussian pixel noise."""
+    if shift:
+        n, _, h, w = x.shape
+        d = torch.randint(-shift, shift + 1, (n, 2), generator=g).float()
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False),
+                          padding_mode="border", align_corners=False)
+    return x + noise * torch.randn(x.shape, generator=g) if noise else x
+
+
+def fit_temperature(logits: Tensor, y: Tensor) -> float:
+    """T minimising the cross-entropy of logits / T (optimised in log T, L-BFGS)."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())
+
+
+def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:
+    """Accuracy, NLL and ECE of the raw (T = 1) and the calibrated logits on (x, y)."""
+    with torch.no_grad():
+        raw = clf.net(x)
+    cal = raw / clf.temperature
+    return {"accuracy": (raw.argmax(-1) == y).float().mean().item(),
+            "nll_raw": F.cross_entropy(raw, y).item(), "nll_calibrated": F.cross_entropy(cal, y).item(),
+            "ece_raw": expected_calibration_error(raw, y), "ece_calibrated": expected_calibration_error(cal, y)}
+
+
+def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig, seed: int = 0,
+                   name: str = "", log=None, progress: bool = True) -> tuple[Classifier, dict]:
+    """Fit p̂(y|x) on pairs (x in [-1, 1], y in 0..K-1), calibrate T on a held-back fraction; returns it + a report."""
+    if len(x) != len(y):
+        raise CtrlDiffError(f"{len(x)} images but {len(y)} labels")
+    if len(x) < 10:
+        raise CtrlDiffError(f"{len(x)} labelled pairs are too few to fit and calibrate a classifier (need >= 10)")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise CtrlDiffError(f"label {int(y.max()) if y.max() >= num_classes else int(y.min())} "
+                            f"is outside 0..{num_classes - 1}")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_val = max(1, int(cfg.val_frac * len(x)))
+    val, tr = perm[:n_val], perm[n_val:]
+    clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1]), name)
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(tr) // cfg.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    t0 = time.time()
+    for epoch in tqdm(range(cfg.epochs), desc=f"classifier {name}", disable=not progress, dynamic_ncols=True):
+        # --- one epoch of maximum likelihood on augmented pairs
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(steps_per_epoch):
+            b = order[i * cfg.batch:(i + 1) * cfg.batch]
+            loss = F.cross_entropy(clf.net(augment(x[b], cfg.noise, cfg.shift, g)), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if log is not None:
+            log({"classifier": name, "epoch": epoch, "loss": loss.item()})
+    # --- calibration: one temperature on the held-back pairs
+    clf.eval()
+    with torch.no_grad():
+        clf.temperature.fill_(fit_temperature(clf.net(x[val]), y[val]))
+    clf.requires_grad_(False)
+    report = {"name": name, "pairs": len(x), "temperature": clf.temperature.item(), "seconds": time.time() - t0,
+              "calibration_split": evaluate_classifier(clf, x[val], y[val])}
+    return clf, report

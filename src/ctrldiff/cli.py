@@ -1,0 +1,218 @@
+"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config as C
+from .io import CtrlDiffError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", help=f"named settings: {', '.join(sorted(C.PRESETS))}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, JSON value, repeatable (e.g. --set rl.steps=100)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<command>-<preset>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def _cfg(args) -> C.Config:
+    return C.apply_overrides(C.preset(args.preset), args.overrides)
+
+
+def _out(args, command: str) -> Path:
+    return args.out or Path("runs") / f"{command}-{args.preset}"
+
+
+def cmd_pretrain(args) -> None:
+    from .io import save_weights
+    from .pipeline import fit_digit_oracle
+    from .pretrain import pretrain
+    from .runs import Run
+
+    cfg = _cfg(args)
+    run = Run(_out(args, "pretrain"), cfg, args.overwrite)
+    command = "ctrldiff pretrain " + " ".join(sys.argv[2:])
+    oracle, report = fit_digit_oracle(cfg)
+    oracle.save(run.path(f"digits{cfg.data.resolution}.safetensors"), {"report": report, "command": command})
+    print(f"digit oracle: held-out accuracy {report['heldout']['accuracy']:.3f}")
+    net, summary = pretrain(cfg, log=run.log)
+    meta = {"kind": "base", "resolution": cfg.data.resolution, "model": net.config, "summary": summary,
+            "command": command}
+    save_weights(run.path(f"base{cfg.data.resolution}.safetensors"), net.state_dict(), meta)
+    print(f"wrote {run.dir}/  ({summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f}); "
+          f"copy its *.safetensors into src/ctrldiff/assets/ to ship them")
+
+
+def cmd_classifier(args) -> None:
+    from .pipeline import fit_reward_terms
+    from .runs import Run
+
+    cfg = _cfg(args)
+    run = Run(_out(args, "classifier"), cfg, args.overwrite)
+    _, reports = fit_reward_terms(cfg, run)
+    for name, r in reports.items():
+        h = r["heldout"]
+        print(f"{name}: held-out accuracy {h['accuracy']:.3f}, ECE {h['ece_raw']:.3f} -> {h['ece_calibrated']:.3f} "
+              f"(T = {r['temperature']:.3f})")
+    print(f"wrote {run.dir}/")
+
+
+def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
+    from .pipeline import backend_for, fit_reward_terms, load_reward_terms, run_finetune
+
+    backend = backend_for(cfg, base)
+    terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run)[0]
+    return run_finetune(cfg, run, terms, backend)[0], backend
+
+
+def cmd_finetune(args) -> None:
+    from .runs import Run
+
+    cfg = _cfg(args)
+    run = Run(_out(args, "finetune"), cfg, args.overwrite)
+    _finetune(cfg, run, args.classifiers, args.base)
+    print(f"wrote {run.path('ctrl.safetensors')} and {run.path('curves.png')}")
+
+
+def _load_model(args, cfg):
+    from .control import ControlledDenoiser
+    from .pipeline import backend_for
+
+    backend = backend_for(cfg, args.base)
+    return ControlledDenoiser.load(args.ckpt, backend), backend
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .contracts import Cond
+    from .control import y_guidance
+    from .evaluate import generate
+    from .io import save_weights
+    from .pipeline import grid_of
+    from .plots import save_grid
+    from .rl.finetune import balanced_conditions
+    from .runs import Run
+    from .tasks.controls import get_control
+
+    cfg = _cfg(args)
+    model, backend = _load_model(args, cfg)
+    run = Run(_out(args, "sample"), cfg, args.overwrite)
+    controls = [get_control(k) for k in model.controls]
+    if args.y or args.c is not None:  # one condition, n samples
+        y = {}
+        for item in args.y:
+            name, _, v = item.partition("=")
+            ctl = get_control(name)
+            if name not in model.controls:
+                raise CtrlDiffError(f"control {name!r} is not in this checkpoint; choose from {sorted(model.controls)}")
+            y[name] = ctl.check_labels(torch.full((args.n,), int(v) if v.lstrip("-").isdigit() else -1))
+        if args.c is not None and not 0 <= args.c < backend.num_c:
+            raise CtrlDiffError(f"digit c={args.c} is outside 0..{backend.num_c - 1}")
+        c = torch.full((args.n,), backend.num_c if args.c is None else args.c)
+        cond = Cond(c, y)
+    else:  # the grid: rows = joint y, columns = c
+        cond = balanced_conditions(backend.num_c * int(torch.tensor(list(model.controls.values())).prod()),
+                                   backend.num_c, model.controls)
+    images, _, seconds = generate(y_guidance(model, cfg.eval.guidance), backend, cond, cfg, cfg.seed)
+    save_weights(run.path("samples.safetensors"), {"images": images, "c": cond.c, **{f"y.{k}": v for k, v in cond.y.items()}},
+                 {"kind": "samples"})
+    if args.y or args.c is not None:
+        cols = min(args.n, 8)
+        rows = -(-args.n // cols)
+        pad = torch.ones((rows * cols - args.n, *images.shape[1:]))
+        save_grid(torch.cat([images, pad]), rows, cols, run.path("samples.png"))
+    else:
+        save_grid(*grid_of(images, cond, controls), run.path("samples.png"))
+    print(f"{len(images)} samples in {seconds:.1f} s -> {run.path('samples.png')}")
+
+
+def cmd_evaluate(args) -> None:
+    from .pipeline import run_evaluate
+    from .runs import Run
+
+    cfg = _cfg(args)
+    cfg.rl.controls = {k: cfg.rl.controls.get(k, 0.0) for k in _ckpt_controls(args.ckpt)}
+    model, backend = _load_model(args, cfg)
+    run = Run(_out(args, "evaluate"), cfg, args.overwrite)
+    run_evaluate(cfg, run, model, backend)
+    print((run.path("metrics.md")).read_text())
+
+
+def _ckpt_controls(path) -> dict:
+    from .io import load_weights
+
+    return load_weights(path)[1].get("controls", {})
+
+
+def cmd_demo(args) -> None:
+    from .pipeline import controls_of, results_table, run_evaluate
+    from .runs import Run
+
+    root = args.out or Path("runs") / "demo"
+    tables = []
+    for name in args.presets:
+        cfg = C.apply_overrides(C.preset(name), args.overrides)
+        run = Run(root / name, cfg, args.overwrite)
+        print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
+        model, backend = _finetune(cfg, run, None, None)
+        results = run_evaluate(cfg, run, model, backend)
+        tables.append(f"### {name}: {' x '.join(cfg.rl.controls)}\n\n" + results_table(results, controls_of(cfg)))
+    print("\n" + "\n".join(tables))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrldiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train the class-conditional base p_pre(x|c) and the digit oracle")
+    _common(p)
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("classifier", help="fit and calibrate p̂(y|x) on pairs for each control (+ a monitor)")
+    _common(p)
+    p.set_defaults(fn=cmd_classifier)
+
+    p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model")
+    _common(p)
+    p.add_argument("--classifiers", type=Path, help="a `ctrldiff classifier` run folder (default: fit them here)")
+    p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped for the resolution)")
+    p.set_defaults(fn=cmd_finetune)
+
+    for name, fn, text in [("sample", cmd_sample, "sample a fine-tuned model (grid rows = y, columns = c)"),
+                           ("evaluate", cmd_evaluate, "evaluate a fine-tuned model and the base against oracles")]:
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--ckpt", type=Path, required=True, help="ctrl.safetensors written by `ctrldiff finetune`")
+        p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")
+        if name == "sample":
+            p.add_argument("--y", action="append", default=[], metavar="CONTROL=LABEL", help="fix a control's label")
+            p.add_argument("--c", type=int, help="fix the digit")
+            p.add_argument("-n", type=int, default=16, help="samples when --y/--c fix the condition")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")
+    p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run in turn")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override applied to every preset")
+    p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except CtrlDiffError as e:
+        print(f"ctrldiff: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Every default in one commented place; presets are functions; overrides are dotted (`--set rl.lr_emb=0.02`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .io import CtrlDiffError
+
+
+@dataclass
+class DataConfig:
+    resolution: int = 16  # 16 (default, like USPS) or 28 (MNIST's own)
+    heldout: int = 1000  # digits kept out of every fit; the evaluation's real reference
+    split_seed: int = 0  # the train / held-out split is fixed by this
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 20  # DDIM steps, the same in fine-tuning and evaluation
+    eta: float = 1.0  # 1 = DDPM variance; the KL needs eta > 0
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 8000  # optimiser steps of denoising score matching
+    batch: int = 64
+    lr: float = 1e-3  # AdamW, linear warm-up then constant
+    warmup: int = 200
+    ema: float = 0.999  # the shipped weights are the EMA
+    p_uncond: float = 0.1  # digit dropped to the null class this often (CFG on c stays possible)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 15
+    batch: int = 128
+    lr: float = 2e-3
+    val_frac: float = 0.2  # of the pairs, held back for temperature calibration
+    noise: float = 0.1  # std of Gaussian pixel noise in training (robustness against reward hacking)
+    shift: int = 1  # random translation, pixels (augmentation)
+
+
+@dataclass
+class RLConfig:
+    controls: dict[str, float] = field(default_factory=lambda: {"compress4": 10.0})  # control -> gamma
+    steps: int = 300  # optimiser steps
+    batch: int = 32  # samples per step, (c, y) drawn fresh for each
+    lora_rank: int = 4  # 0 = embedding only
+    lr_lora: float = 3e-4
+    lr_emb: float = 1e-2  # the new embeddings learn 10-100x faster (official settings)
+    weight_decay: float = 0.1
+    clip: float = 5.0  # grad-norm clip
+    truncate: int | str | None = None  # None, last-K steps (int) or "random"
+    checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
+    monitor_every: int = 25  # steps between evaluations of the independent monitor classifier
+
+
+@dataclass
+class EvalConfig:
+    per_class: int = 128  # samples per requested class (per joint class for several controls)
+    guidance: float = 1.0  # weight w on y: eps(c, null) + w (eps(c, y) - eps(c, null)); 1 = no guidance
+    batch: int = 256
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+
+def default() -> Config:
+    """compress4 on 16x16 digits."""
+    return Config()
+
+
+def multi() -> Config:
+    """The 2x2 multi-task thickness2 x compress2, each control from its own pair dataset."""
+    cfg = Config(name="multi")
+    cfg.rl.controls = {"thickness2": 10.0, "compress2": 10.0}
+    return cfg
+
+
+def res28() -> Config:
+    """compress4 on 28x28 digits (slower; needs its own pre-trained base)."""
+    cfg = Config(name="res28")
+    cfg.data.resolution = 28
+    return cfg
+
+
+def tiny() -> Config:
+    """Seconds-long settings for tests and smoke runs (not for results)."""
+    cfg = Config(name="tiny")
+    cfg.sampler.steps = 5
+    cfg.pretrain.steps, cfg.pretrain.batch, cfg.pretrain.channels = 20, 16, [8, 16]
+    cfg.classifier.epochs = 1
+    cfg.rl.steps, cfg.rl.batch, cfg.rl.monitor_every = 3, 8, 2
+    cfg.eval.per_class = 4
+    return cfg
+
+
+PRESETS = {"default": default, "multi": multi, "res28": res28, "tiny": tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise CtrlDiffError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a copy of cfg with `section.key=value` overrides; values are JSON (bare strings allowed)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CtrlDiffError(f"override {item!r} is not of the form key=value")
+        *path, last = key.split(".")
+        obj = cfg
+        for part in path:
+            if dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+                obj = getattr(obj, part)
+            elif isinstance(obj, dict) and part in obj:
+                obj = obj[part]
+            else:
+                raise CtrlDiffError(f"unknown config key {key!r}; choose from {_keys(obj)}")
+        value = _parse(raw)
+        if isinstance(obj, dict):
+            obj[last] = value
+        elif dataclasses.is_dataclass(obj) and last in {f.name for f in dataclasses.fields(obj)}:
+            old = getattr(obj, last)
+            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if old is not None and value is not None and not isinstance(value, type(old)) and last != "truncate":
+                raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(old).__name__}")
+            setattr(obj, last, value)
+        else:
+            raise CtrlDiffError(f"unknown config key {key!r}; choose from {_keys(obj)}")
+    return cfg
+
+
+def _keys(obj) -> list[str]:
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    return sorted(obj) if isinstance(obj, dict) else []
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of `Config.to_dict` (unknown keys raise)."""
+    cfg = Config()
+    for section, values in d.items():
+        if isinstance(values, dict) and dataclasses.is_dataclass(getattr(cfg, section, None)):
+            apply = [f"{section}.{k}={json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
+            cfg = apply_overrides(cfg, apply)
+            for k, v in values.items():
+                if isinstance(v, dict):
+                    setattr(getattr(cfg, section), k, dict(v))
+        else:
+            cfg = apply_overrides(cfg, [f"{section}={json.dumps(values)}"])
+    return cfg

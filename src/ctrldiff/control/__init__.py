@@ -1,0 +1,122 @@
+"""Step 2 of CTRL: the augmented model g(t, c, y, x) (METHOD.md §2).
+
+The frozen pre-trained network plus, for each new control, an embedding table with K+1 rows added to the
+timestep embedding (all rows zero at init; row K is "null" and stays zero), plus LoRA through peft. At step 0
+the augmented model is the pre-trained one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from ..contracts import Cond, Denoiser
+from ..io import CtrlDiffError, load_weights, save_weights
+
+LORA_TARGETS = ["conv1", "conv2", "emb_proj"]  # the ResBlocks' convolutions and embedding projections
+
+
+def _zero_null_row(grad: Tensor) -> Tensor:
+    grad = grad.clone()
+    grad[-1] = 0
+    return grad
+
+
+class ControlledDenoiser(nn.Module):
+    """The augmented model as a Denoiser: `model(x_t, t, Cond(c, {name: y}))`; a missing control means null."""
+
+    def __init__(self, backend, controls: dict[str, int], lora_rank: int = 4, lora_targets=None):
+        super().__init__()
+        self.backend = backend
+        self.controls = dict(controls)
+        self.lora_rank = lora_rank
+        self.lora_targets = list(lora_targets or LORA_TARGETS)
+        net = copy.deepcopy(backend.net).requires_grad_(False)  # the backend keeps the untouched reference
+        if lora_rank > 0:
+            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=self.lora_targets,
+                             init_lora_weights=True)  # B = 0: LoRA starts as the identity
+            net = inject_adapter_in_model(cfg, net)
+            for name, p in net.named_parameters():
+                p.requires_grad_("lora_" in name)
+        self.net = net
+        self.embeddings = nn.ModuleDict()
+        for name, k in self.controls.items():
+            emb = nn.Embedding(k + 1, backend.emb_dim)
+            nn.init.zeros_(emb.weight)
+            emb.weight.register_hook(_zero_null_row)  # the null row never moves
+            self.embeddings[name] = emb
+
+    def control_embedding(self, y: dict[str, Tensor]) -> Tensor | None:
+        unknown = set(y) - set(self.embeddings)
+        if unknown:
+            raise CtrlDiffError(f"unknown control {sorted(unknown)[0]!r}; this model has {sorted(self.embeddings)}")
+        embs = [self.embeddings[k](v) for k, v in y.items()]
+        return torch.stack(embs).sum(0) if embs else None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y))
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.net.named_parameters() if "lora_" in n]
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return list(self.embeddings.parameters())
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Only the new parameters: peft's LoRA state dict + the control embeddings."""
+        state = {f"emb.{k}": e.weight for k, e in self.embeddings.items()}
+        if self.lora_rank > 0:
+            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.net).items()})
+        return state
+
+    def meta(self) -> dict:
+        return {"kind": "ctrl", "controls": self.controls, "lora_rank": self.lora_rank,
+                "lora_targets": self.lora_targets}
+
+    def save(self, path, extra: dict | None = None) -> None:
+        save_weights(path, self.adapter_state(), {**self.meta(), **(extra or {})})
+
+    @classmethod
+    def load(cls, path, backend) -> "ControlledDenoiser":
+        """Rebuild from a checkpoint written by `save` on top of the given base."""
+        state, meta = load_weights(path)
+        if meta.get("kind") != "ctrl":
+            raise CtrlDiffError(f"{path} is not a CTRL checkpoint (kind={meta.get('kind')!r})")
+        model = cls(backend, meta["controls"], meta["lora_rank"], meta["lora_targets"])
+        expected = model.adapter_state()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+            raise CtrlDiffError(f"checkpoint {path} does not match the base model it is loaded on")
+        with torch.no_grad():
+            for k, e in model.embeddings.items():
+                e.weight.copy_(state[f"emb.{k}"])
+        if model.lora_rank > 0:
+            set_peft_model_state_dict(model.net, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        return model.eval()
+
+
+def null_cond(cond: Cond, controls: dict[str, int]) -> Cond:
+    """The same c with every control set to its null label."""
+    return cond.with_y({k: torch.full((len(cond),), n, dtype=torch.long) for k, n in controls.items()})
+
+
+def y_guidance(model: ControlledDenoiser, w: float) -> Denoiser:
+    """Classifier-free guidance on y: eps(c, null) + w (eps(c, y) - eps(c, null)); w = 1 is the model itself."""
+    if w == 1.0:
+        return model
+
+    def guided(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        null = null_cond(cond, model.controls)
+        full = cond.with_y({k: cond.y.get(k, v) for k, v in null.y.items()})
+        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), _concat(null, full))
+        eps_null, eps_y = eps.chunk(2)
+        return eps_null + w * (eps_y - eps_null)
+
+    return guided
+
+
+def _concat(a: Cond, b: Cond) -> Cond:
+    c = None if a.c is None else torch.cat([a.c, b.c])
+    return Cond(c, {k: torch.cat([a.y[k], b.y[k]]) for k in a.y})

@@ -1,0 +1,87 @@
+"""Atomic, pickle-free file I/O: every file ctrldiff writes goes to a temp file first and is renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CtrlDiffError(Exception):
+    """A user-facing error: the CLI prints its one-line message and exits non-zero."""
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared results unreadable
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CtrlDiffError(f"missing file {path}") from None
+    except json.JSONDecodeError as e:
+        raise CtrlDiffError(f"corrupt JSON in {path}: {e}") from None
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """safetensors + JSON metadata (stored in the file's header), written atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ctrldiff": json.dumps(meta or {})})
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors and metadata from safetensors (never unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtrlDiffError(f"missing checkpoint {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ctrldiff", "{}"))
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise CtrlDiffError(f"corrupt checkpoint {path}: {e}") from None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """`load_state_dict` with a one-line error naming the first mismatch."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+        raise CtrlDiffError(f"checkpoint {path} does not match the model ({detail})")
+    module.load_state_dict(state)

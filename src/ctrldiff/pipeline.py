@@ -1,0 +1,139 @@
+"""The CTRL pipeline on the embedded default, one function per stage; the CLI and the demo call these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .backends.pixels import asset_path, load_base
+from .classifier import Classifier, evaluate_classifier, fit_classifier
+from .config import Config
+from .control import ControlledDenoiser, y_guidance
+from .evaluate import evaluate, features
+from .io import CtrlDiffError, write_json, write_text
+from .plots import plot_curves, save_grid
+from .rl import RewardTerm, finetune
+from .runs import Run
+from .tasks.controls import Control, get_control
+from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
+
+
+def controls_of(cfg: Config) -> list[Control]:
+    if not cfg.rl.controls:
+        raise CtrlDiffError("rl.controls is empty; name at least one control")
+    return [get_control(name) for name in cfg.rl.controls]
+
+
+def digit_oracle(resolution: int) -> Classifier:
+    """The evaluation digit classifier shipped with the base (trained on real digits by `ctrldiff pretrain`)."""
+    return Classifier.load(asset_path(f"digits{resolution}.safetensors"), "digits")
+
+
+def fit_digit_oracle(cfg: Config, progress: bool = True) -> tuple[Classifier, dict]:
+    """Train the evaluation digit classifier on the training split; report it on the held-out digits."""
+    tr = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    clf, report = fit_classifier(tr.x, tr.c, NUM_DIGITS, cfg.classifier, cfg.seed, "digits", progress=progress)
+    report["heldout"] = evaluate_classifier(clf, ho.x, ho.c)
+    return clf, report
+
+
+def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (x, y) for a control: the digits of a split, labelled by the control's labeller (pixels only)."""
+    d = load_digits(split, cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    return d.x, control.label(to_unit(d.x))
+
+
+def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True) -> tuple[list[RewardTerm], dict]:
+    """Step 1 for each control: the reward classifier from the training pairs, calibrated, and an independent
+    monitor classifier from the disjoint held-out pairs (to catch reward hacking)."""
+    terms, reports = [], {}
+    for ctl in controls_of(cfg):
+        x, y = pairs_for(ctl, "train", cfg)
+        x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
+        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress)
+        rep["heldout"] = evaluate_classifier(clf, x_ho, y_ho)
+        mon, mrep = fit_classifier(x_ho, y_ho, ctl.num_classes, cfg.classifier, cfg.seed + 1, ctl.name, progress=progress)
+        rep["monitor"] = {"pairs": mrep["pairs"], "accuracy_on_train_pairs": evaluate_classifier(mon, x, y)["accuracy"]}
+        terms.append(RewardTerm(ctl, clf, cfg.rl.controls[ctl.name], mon))
+        reports[ctl.name] = rep
+        if run is not None:
+            clf.save(run.path(f"classifier-{ctl.name}.safetensors"), {"report": rep})
+            mon.save(run.path(f"monitor-{ctl.name}.safetensors"))
+    if run is not None:
+        write_json(run.path("classifiers.json"), reports)
+    return terms, reports
+
+
+def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
+    """Reward terms from a `ctrldiff classifier` run folder."""
+    return [RewardTerm(ctl, Classifier.load(folder / f"classifier-{ctl.name}.safetensors", ctl.name),
+                       cfg.rl.controls[ctl.name], Classifier.load(folder / f"monitor-{ctl.name}.safetensors", ctl.name))
+            for ctl in controls_of(cfg)]
+
+
+def backend_for(cfg: Config, base: Path | None = None):
+    return load_base(base, cfg.data.resolution)
+
+
+def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
+    """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
+    model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress)
+    model.save(run.path("ctrl.safetensors"), {"resolution": cfg.data.resolution, "summary": summary["seconds"]})
+    keys = sorted({k for r in run.records() for k in r if k.startswith(("acc_", "reward", "kl"))})
+    plot_curves(run.records(), keys, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
+    return model, summary
+
+
+def real_features(cfg: Config, oracle: Classifier):
+    ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    return features(oracle, to_unit(ho.x))
+
+
+def run_evaluate(cfg: Config, run: Run, model: ControlledDenoiser, backend, progress: bool = True) -> dict:
+    """Evaluate CTRL and the base side by side against the oracles; writes metrics.json/.md and sample grids."""
+    controls = controls_of(cfg)
+    oracle = digit_oracle(cfg.data.resolution)
+    real = real_features(cfg, oracle)
+    results = {}
+    for method, den in [("base", backend.denoiser), ("ctrl", y_guidance(model, cfg.eval.guidance))]:
+        metrics, images, cond = evaluate(den, backend, controls, cfg, oracle, real, reference=backend.denoiser,
+                                         seed=cfg.seed, progress=progress)
+        results[method] = metrics
+        save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method}.png"))
+    write_json(run.path("metrics.json"), results)
+    write_text(run.path("metrics.md"), results_table(results, controls))
+    return results
+
+
+def grid_of(images: torch.Tensor, cond, controls: list[Control]):
+    """Pick one image per (joint y, c): rows = joint class of y, columns = digit c."""
+    row, rows = torch.zeros(len(images), dtype=torch.long), 1
+    for ctl in controls:  # mixed radix, first control fastest (the order of balanced_conditions)
+        row += cond.y[ctl.name] * rows
+        rows *= ctl.num_classes
+    picks = []
+    for r in range(rows):
+        for c in range(NUM_DIGITS):
+            idx = torch.nonzero((row == r) & (cond.c == c))
+            picks.append(images[idx[0, 0]] if len(idx) else torch.ones_like(images[0]))
+    return torch.stack(picks), rows, NUM_DIGITS
+
+
+def results_table(results: dict, controls: list[Control]) -> str:
+    """A markdown table: one row per method."""
+    cols = [f"{c.name} acc" for c in controls] + [f"{c.name} F1" for c in controls]
+    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL", "s/sample"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, m in results.items():
+        vals = [m[c.name]["accuracy"] for c in controls] + [m[c.name]["macro_f1"] for c in controls]
+        vals += ([m["joint_accuracy"]] if len(controls) > 1 else [])
+        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", float("nan")), m["seconds_per_sample"]]
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}" for v in vals) + " |")
+    if len(controls) > 1:
+        lines += ["", "Per-corner joint accuracy:", "", "| method | " + " | ".join(results["base"]["per_corner"]) + " |",
+                  "|---" * (len(results["base"]["per_corner"]) + 1) + "|"]
+        for method, m in results.items():
+            lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in m["per_corner"].values()) + " |")
+    return "\n".join(lines) + "\n"

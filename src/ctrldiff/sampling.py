@@ -1,0 +1,122 @@
+"""The one sampler: every method in ctrldiff (base model, CTRL, each baseline) is a rollout of `sample`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from .contracts import Cond, Denoiser
+from .schedule import Schedule, gaussian_kl, step_mean_std
+
+TRUNCATE_CHOICES = "None (full), an int K (only the last K steps carry gradients) or 'random'"
+
+
+@dataclass
+class Trajectory:
+    """x_T .. x_0 plus, per step, the Gaussian the sampler drew from (and the reference's mean at the same x_t)."""
+
+    xs: list[Tensor]  # steps + 1 states, x_T first
+    means: list[Tensor]  # per step, mean of pi_theta(x_{t-1} | x_t)
+    stds: list[Tensor]  # per step, broadcastable std (shared by policy and reference)
+    timesteps: Tensor  # (steps,) descending
+    ref_means: list[Tensor] | None = None  # per step, mean of pi_pre(x_{t-1} | x_t) at the same x_t
+    nfe: int = 0  # network evaluations of the sampled denoiser
+    eta: float = 1.0
+
+    @property
+    def x0(self) -> Tensor:
+        return self.xs[-1]
+
+    def path_kl(self) -> Tensor:
+        """KL(P_theta || P_pre) along this path, summed over dims and steps (CTRL's regulariser), per sample.
+
+        Deterministic steps (std = 0: the last DDIM step, which only rescales x_t by 1/sqrt(abar) and moves
+        x_0 by at most sqrt(1 - abar_0) * |d eps| ~ 1e-2) have no density and are left out.
+        """
+        if self.ref_means is None:
+            raise ValueError("this trajectory was sampled without a reference denoiser; pass reference=")
+        terms = [gaussian_kl(m, r, s) for m, r, s in zip(self.means, self.ref_means, self.stds) if (s > 0).all()]
+        if not terms:
+            raise ValueError("the path KL needs stochastic steps (eta > 0); eta = 0 is deterministic DDIM")
+        return torch.stack(terms).sum(0)
+
+
+def _detach_mask(steps: int, truncate, generator: torch.Generator | None) -> list[bool]:
+    """Which steps' network outputs are detached from the graph.
+
+    'random' is CTRL's randomised truncation: step i of N is detached with probability 1 - (i + 1) / N, so
+    early steps rarely carry gradients and the last always does.
+    """
+    if truncate is None:
+        return [False] * steps
+    if truncate == "random":
+        u = torch.rand(steps, generator=generator)
+        return [bool(u[i] < 1 - (i + 1) / steps) for i in range(steps)]
+    if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate >= 0:
+        return [i < steps - truncate for i in range(steps)]
+    raise ValueError(f"unknown truncate={truncate!r}; choose {TRUNCATE_CHOICES}")
+
+
+def sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    x_T: Tensor,
+    cond: Cond,
+    *,
+    steps: int = 20,
+    eta: float = 1.0,
+    reference: Denoiser | None = None,
+    grad: bool = False,
+    truncate: int | str | None = None,
+    checkpoint: bool = False,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Roll out the DDIM(eta) chain from x_T; returns the Trajectory.
+
+    grad: keep the graph (CTRL's direct back-propagation through the chain, Algorithm 2).
+    truncate: None, K (steps before the last K run without a graph) or 'random' (see `_detach_mask`).
+    checkpoint: recompute each network call in the backward pass (a memory tool; costs ~50% time on CPU).
+    reference: if given, its mean at every visited x_t is stored for `Trajectory.path_kl`.
+    """
+    ts = schedule.timesteps(steps)
+    detached = _detach_mask(steps, truncate, generator) if grad else [True] * steps
+    x = x_T
+    traj = Trajectory([x], [], [], ts, eta=eta)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < steps else torch.tensor(-1)
+        tb = t.expand(x.shape[0])
+        no_graph = grad and isinstance(truncate, int) and i < steps - truncate  # before the last K steps
+        with torch.set_grad_enabled(grad and not no_graph):
+            if checkpoint and grad and not detached[i]:
+                eps = grad_checkpoint(denoiser, x, tb, cond, use_reentrant=False)
+            else:
+                eps = denoiser(x, tb, cond)
+            if detached[i]:
+                eps = eps.detach()
+            mean, std = step_mean_std(schedule, x, eps, tb, t_prev.expand(x.shape[0]), eta)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = mean + std * noise
+        traj.nfe += 1
+        traj.xs.append(x)
+        traj.means.append(mean)
+        traj.stds.append(std)
+    if reference is not None:
+        traj.ref_means = reference_means(traj, reference, schedule, cond)
+    return traj
+
+
+@torch.no_grad()
+def reference_means(traj: Trajectory, reference: Denoiser, schedule: Schedule, cond: Cond) -> list[Tensor]:
+    """The reference's (frozen base's) step means at the states the trajectory visited.
+
+    Without a graph: the base's parameters are frozen, and the KL's gradient reaches theta through mu_theta.
+    """
+    ts, n, out = traj.timesteps, traj.xs[0].shape[0], []
+    for i, t in enumerate(ts):
+        t_prev = (ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1)).expand(n)
+        x = traj.xs[i].detach()
+        out.append(step_mean_std(schedule, x, reference(x, t.expand(n), cond), t.expand(n), t_prev, traj.eta)[0])
+    return out
