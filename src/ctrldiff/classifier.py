@@ -83,8 +83,9 @@ def augment(x: Tensor, noise: float, shift: int, g: torch.Generator) -> Tensor:
     return x + noise * torch.randn(x.shape, generator=g) if noise else x
 
 
-def fit_temperature(logits: Tensor, y: Tensor) -> float:
-    """T minimising the cross-entropy of logits / T (optimised in log T, L-BFGS)."""
+def fit_temperature(logits: Tensor, y: Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """T minimising the cross-entropy of logits / T (optimised in log T, L-BFGS), kept within `bounds`:
+    a separable calibration split drives T -> 0, which would scale the reward log p̂ without limit."""
     log_t = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
 
@@ -95,7 +96,7 @@ def fit_temperature(logits: Tensor, y: Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp().clamp(*bounds))
 
 
 def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:

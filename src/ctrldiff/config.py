@@ -146,13 +146,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             else:
                 raise CtrlDiffError(f"unknown config key {key!r}; choose from {_keys(obj)}")
         value = _parse(raw)
-        if isinstance(obj, dict):
-            obj[last] = value
+        if isinstance(obj, dict):  # rl.controls.<name> = gamma
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise CtrlDiffError(f"{key}={raw!r}: gamma must be a number >= 0")
+            obj[last] = float(value)
         elif dataclasses.is_dataclass(obj) and last in {f.name for f in dataclasses.fields(obj)}:
             old = getattr(obj, last)
             if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if old is not None and value is not None and not isinstance(value, type(old)) and last != "truncate":
+            if last == "truncate":
+                if not (value is None or value == "random" or (type(value) is int and value >= 0)):
+                    raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 0 or \"random\"")
+            elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):
                 raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(old).__name__}")
             setattr(obj, last, value)
         else:

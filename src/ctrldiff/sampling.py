@@ -53,6 +53,8 @@ def _detach_mask(steps: int, truncate, generator: torch.Generator | None) -> lis
     if truncate is None:
         return [False] * steps
     if truncate == "random":
+        if generator is None:  # no graph to truncate: draw nothing, so the samples match grad=True's
+            return [False] * steps
         u = torch.rand(steps, generator=generator)
         return [bool(u[i] < 1 - (i + 1) / steps) for i in range(steps)]
     if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate >= 0:
@@ -79,33 +81,37 @@ def sample(
     grad: keep the graph (CTRL's direct back-propagation through the chain, Algorithm 2).
     truncate: None, K (steps before the last K run without a graph) or 'random' (see `_detach_mask`).
     checkpoint: recompute each network call in the backward pass (a memory tool; costs ~50% time on CPU).
-    reference: if given, its mean at every visited x_t is stored for `Trajectory.path_kl`.
+    reference: the frozen base; if given, its mean at every visited x_t is stored for `Trajectory.path_kl`,
+        with a graph through x_t (not through its frozen weights). Stopping that gradient would be cheaper but
+        biased: d/dx_t ||mu_theta(x_t) - sg(mu_pre(x_t))||^2 is ~ 2 (mu_theta - mu_pre) d mu / dx_t, not ~ 0;
+        on the seeded toy task of tests/test_control_rl.py the path KL then ran away to 6.8e4 nats (2.1 exact).
     """
     ts = schedule.timesteps(steps)
-    detached = _detach_mask(steps, truncate, generator) if grad else [True] * steps
+    detached = _detach_mask(steps, truncate, generator if grad else None)
     x = x_T
-    traj = Trajectory([x], [], [], ts, eta=eta)
+    traj = Trajectory([x], [], [], ts, [] if reference is not None else None, eta=eta)
     for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < steps else torch.tensor(-1)
         tb = t.expand(x.shape[0])
-        no_graph = grad and isinstance(truncate, int) and i < steps - truncate  # before the last K steps
-        with torch.set_grad_enabled(grad and not no_graph):
-            if checkpoint and grad and not detached[i]:
-                eps = grad_checkpoint(denoiser, x, tb, cond, use_reentrant=False)
-            else:
-                eps = denoiser(x, tb, cond)
-            if detached[i]:
-                eps = eps.detach()
-            mean, std = step_mean_std(schedule, x, eps, tb, t_prev.expand(x.shape[0]), eta)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = mean + std * noise
+        t_prev = (ts[i + 1] if i + 1 < steps else torch.tensor(-1)).expand(x.shape[0])
+        no_graph = not grad or (isinstance(truncate, int) and i < steps - truncate)
+        with torch.set_grad_enabled(not no_graph):
+            use_ckpt = checkpoint and not no_graph and not detached[i]
+            eps = _call(denoiser, x, tb, cond, use_ckpt, detached[i])
+            mean, std = step_mean_std(schedule, x, eps, tb, t_prev, eta)
+            if reference is not None:  # same x_t, same graph: the KL's gradient through the state is exact
+                eps_ref = _call(reference, x, tb, cond, use_ckpt, detached[i])
+                traj.ref_means.append(step_mean_std(schedule, x, eps_ref, tb, t_prev, eta)[0])
+            x = mean + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         traj.nfe += 1
         traj.xs.append(x)
         traj.means.append(mean)
         traj.stds.append(std)
-    if reference is not None:
-        traj.ref_means = reference_means(traj, reference, schedule, cond)
     return traj
+
+
+def _call(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, ckpt: bool, detach: bool) -> Tensor:
+    eps = grad_checkpoint(denoiser, x, t, cond, use_reentrant=False) if ckpt else denoiser(x, t, cond)
+    return eps.detach() if detach else eps
 
 
 @torch.no_grad()

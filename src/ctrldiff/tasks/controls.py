@@ -38,10 +38,12 @@ class Control:
     def check_labels(self, y: torch.Tensor, allow_null: bool = False) -> torch.Tensor:
         """Raise a one-line error if any label is outside 0..K-1 (or K, the null, when allowed)."""
         y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise CtrlDiffError(f"labels for control {self.name!r} must be integers, got {y.dtype}")
         hi = self.num_classes if allow_null else self.num_classes - 1
-        if y.dtype.is_floating_point or y.numel() and (int(y.min()) < 0 or int(y.max()) > hi):
-            bad = y[(y < 0) | (y > hi)][:1].tolist() if not y.dtype.is_floating_point else y.flatten()[:1].tolist()
-            raise CtrlDiffError(f"label {bad[0]} for control {self.name!r} is outside 0..{hi}")
+        bad = y[(y < 0) | (y > hi)]
+        if bad.numel():
+            raise CtrlDiffError(f"label {int(bad[0])} for control {self.name!r} is outside 0..{hi}")
         return y.long()
 
 

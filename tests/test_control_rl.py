@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ctrldiff.config import tiny
+from ctrldiff.contracts import Cond
+from ctrldiff.control import ControlledDenoiser, y_guidance
+from ctrldiff.io import CtrlDiffError
+from ctrldiff.models import SmallUNet
+from ctrldiff.rl import RewardTerm, finetune
+from ctrldiff.rl.finetune import balanced_conditions
+from ctrldiff.sampling import sample
+from ctrldiff.tasks.controls import Control
+
+
+def _batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return x, t, Cond(torch.randint(0, 11, (n,), generator=g), {"a": torch.randint(0, 3, (n,), generator=g)})
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_equal_to_base_at_init(tiny_backend, rank):
+    model = ControlledDenoiser(tiny_backend, {"a": 3, "b": 2}, lora_rank=rank)
+    x, t, cond = _batch()
+    base = tiny_backend.denoiser(x, t, cond)
+    assert torch.equal(model(x, t, cond), base)
+    assert torch.equal(model(x, t, Cond(cond.c, {})), base)
+    assert torch.equal(y_guidance(model, 4.0)(x, t, cond), base)
+
+
+def test_only_new_parameters_are_trainable(tiny_backend):
+    model = ControlledDenoiser(tiny_backend, {"a": 3}, lora_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("embeddings.") for n in trainable)
+    assert not any(p.requires_grad for p in tiny_backend.net.parameters())
+
+
+class MeanBrightness(nn.Module):
+    """An analytic, differentiable p̂(y|x) for a 2-class control: is the mean pixel above m?"""
+
+    def __init__(self, m: float, k: float = 20.0):
+        super().__init__()
+        self.m, self.k = m, k
+
+    def forward(self, x):
+        s = self.k * (x.mean((1, 2, 3)) - self.m)
+        return torch.stack([-s, s], 1) / 2
+
+    def log_prob(self, x, y):
+        return self(x).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    def predict(self, x):
+        return self(x).argmax(-1)
+
+
+def _brightness_task(backend, cfg):
+    """A control whose oracle splits base samples at their median brightness (base accuracy ~ 0.5)."""
+    g = torch.Generator().manual_seed(1)
+    x0 = sample(backend.denoiser, backend.schedule, torch.randn(64, 1, 8, 8, generator=g),
+                Cond(torch.randint(0, 10, (64,), generator=g)), steps=cfg.sampler.steps, generator=g).x0
+    m = (backend.decode(x0) * 2 - 1).mean((1, 2, 3)).median().item()
+    clf = MeanBrightness(m)
+    labeller = lambda images: clf.predict(images * 2 - 1)  # noqa: E731
+    return RewardTerm(Control("bright2", 2, labeller), clf, gamma=20.0, monitor=clf)
+
+
+def _oracle_accuracy(denoiser, backend, term, cfg, n=64):
+    cond = balanced_conditions(n, 10, {"bright2": 2})
+    g = torch.Generator().manual_seed(7)
+    x0 = sample(denoiser, backend.schedule, torch.randn(n, 1, 8, 8, generator=g), cond, steps=cfg.sampler.steps,
+                generator=g).x0
+    return (term.control.label(backend.decode(x0)) == cond.y["bright2"]).float().mean().item()
+
+
+def test_short_finetune_raises_oracle_accuracy(tiny_backend):
+    cfg = tiny()
+    cfg.rl.steps, cfg.rl.batch, cfg.rl.lora_rank, cfg.rl.lr_emb, cfg.rl.monitor_every = 25, 16, 0, 0.1, 100
+    term = _brightness_task(tiny_backend, cfg)
+    before = _oracle_accuracy(tiny_backend.denoiser, tiny_backend, term, cfg)
+    base_state = copy.deepcopy(tiny_backend.net.state_dict())
+    model, summary = finetune(tiny_backend, [term], cfg, progress=False)
+    after = _oracle_accuracy(model, tiny_backend, term, cfg)
+    assert before < 0.7 and after > 0.9, (before, after)
+    assert summary["last"]["kl"] > 0
+    emb = model.embeddings["bright2"].weight
+    assert torch.equal(emb[-1], torch.zeros_like(emb[-1])) and emb[:-1].abs().sum() > 0  # null row frozen
+    for k, v in tiny_backend.net.state_dict().items():  # the frozen base never moved
+        assert torch.equal(v, base_state[k])
+
+
+def test_save_load_round_trip(tiny_backend, tmp_path):
+    cfg = tiny()
+    cfg.rl.steps = 2
+    model, _ = finetune(tiny_backend, [_brightness_task(tiny_backend, cfg)], cfg, progress=False)
+    model.save(tmp_path / "ctrl.safetensors")
+    loaded = ControlledDenoiser.load(tmp_path / "ctrl.safetensors", tiny_backend)
+    x, t, cond = _batch()
+    cond = Cond(cond.c, {"bright2": cond.y["a"] % 2})
+    assert torch.equal(loaded(x, t, cond), model(x, t, cond))
+    other = copy.deepcopy(tiny_backend)
+    other.net.unet = SmallUNet(channels=(16, 16), num_classes=10)  # another base: LoRA shapes differ
+    with pytest.raises(CtrlDiffError, match="does not match"):
+        ControlledDenoiser.load(tmp_path / "ctrl.safetensors", other)
+
+
+def test_eta_zero_with_kl_is_an_error(tiny_backend):
+    cfg = tiny()
+    cfg.sampler.eta = 0.0
+    with pytest.raises(CtrlDiffError, match="eta"):
+        finetune(tiny_backend, [_brightness_task(tiny_backend, tiny())], cfg, progress=False)
+
+
+def test_non_finite_reward_stops_with_the_step(tiny_backend):
+    cfg = tiny()
+    term = _brightness_task(tiny_backend, cfg)
+    term.classifier.k = float("nan")
+    with pytest.raises(CtrlDiffError, match="non-finite loss or gradient at step 0"):
+        finetune(tiny_backend, [term], cfg, progress=False)
