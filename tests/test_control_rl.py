@@ -64,7 +64,7 @@ def _brightness_task(backend, cfg):
                 Cond(torch.randint(0, 10, (64,), generator=g)), steps=cfg.sampler.steps, generator=g).x0
     m = (backend.decode(x0) * 2 - 1).mean((1, 2, 3)).median().item()
     clf = MeanBrightness(m)
-    labeller = lambda images: clf.predict(images * 2 - 1)  # noqa: E731
+    labeller = lambda images: clf.predict(images * 2 - 1)
     return RewardTerm(Control("bright2", 2, labeller), clf, gamma=20.0, monitor=clf)
 
 

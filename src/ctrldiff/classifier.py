@@ -6,6 +6,7 @@ as in the official code: the reward is log p̂(y|x), so its scale matters.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -46,7 +47,7 @@ class Classifier(nn.Module):
                                                "model": self.net.config, **(extra or {})})
 
     @classmethod
-    def load(cls, path, name: str | None = None) -> "Classifier":
+    def load(cls, path, name: str | None = None) -> Classifier:
         state, meta = load_weights(path)
         if meta.get("kind") != "classifier":
             raise CtrlDiffError(f"{path} is not a classifier checkpoint (kind={meta.get('kind')!r})")
@@ -63,7 +64,7 @@ def expected_calibration_error(logits: Tensor, y: Tensor, bins: int = 15) -> flo
     correct = (pred == y).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.float().mean() * (correct[m].mean() - conf[m].mean()).abs()

@@ -71,7 +71,10 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
 def cmd_finetune(args) -> None:
     from .runs import Run
 
+    from .pipeline import check_finetune
+
     cfg = _cfg(args)
+    check_finetune(cfg)
     run = Run(_out(args, "finetune"), cfg, args.overwrite)
     _finetune(cfg, run, args.classifiers, args.base)
     print(f"wrote {run.path('ctrl.safetensors')} and {run.path('curves.png')}")
@@ -81,6 +84,12 @@ def _load_model(args, cfg):
     from .control import ControlledDenoiser
     from .pipeline import backend_for
 
+    from .io import load_weights
+
+    meta = load_weights(args.ckpt)[1]
+    if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
+        raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
+                            f"{cfg.data.resolution}; pass the matching --preset")
     backend = backend_for(cfg, args.base)
     return ControlledDenoiser.load(args.ckpt, backend), backend
 
@@ -149,13 +158,15 @@ def _ckpt_controls(path) -> dict:
 
 
 def cmd_demo(args) -> None:
-    from .pipeline import controls_of, results_table, run_evaluate
+    from .pipeline import check_finetune, controls_of, results_table, run_evaluate
     from .runs import Run
 
     root = args.out or Path("runs") / "demo"
+    cfgs = {name: C.apply_overrides(C.preset(name), args.overrides) for name in args.presets}
+    for cfg in cfgs.values():
+        check_finetune(cfg)
     tables = []
-    for name in args.presets:
-        cfg = C.apply_overrides(C.preset(name), args.overrides)
+    for name, cfg in cfgs.items():
         run = Run(root / name, cfg, args.overwrite)
         print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
         model, backend = _finetune(cfg, run, None, None)

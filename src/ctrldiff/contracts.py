@@ -25,11 +25,11 @@ class Cond:
                 return v.shape[0]
         raise ValueError("an empty Cond has no batch size")
 
-    def index(self, idx: Tensor) -> "Cond":
+    def index(self, idx: Tensor) -> Cond:
         """The sub-batch (or re-ordered batch) at `idx`."""
         return Cond(None if self.c is None else self.c[idx], {k: v[idx] for k, v in self.y.items()})
 
-    def with_y(self, y: dict[str, Tensor]) -> "Cond":
+    def with_y(self, y: dict[str, Tensor]) -> Cond:
         return Cond(self.c, y)
 
 

@@ -25,6 +25,13 @@ def controls_of(cfg: Config) -> list[Control]:
     return [get_control(name) for name in cfg.rl.controls]
 
 
+def check_finetune(cfg: Config) -> None:
+    """Fail before any work (or any folder) on settings CTRL cannot run with."""
+    controls_of(cfg)
+    if cfg.sampler.eta <= 0:
+        raise CtrlDiffError(f"sampler.eta={cfg.sampler.eta}: the KL term needs a stochastic sampler (eta > 0)")
+
+
 def digit_oracle(resolution: int) -> Classifier:
     """The evaluation digit classifier shipped with the base (trained on real digits by `ctrldiff pretrain`)."""
     return Classifier.load(asset_path(f"digits{resolution}.safetensors"), "digits")

@@ -52,7 +52,7 @@ class ControlledDenoiser(nn.Module):
     def control_embedding(self, y: dict[str, Tensor]) -> Tensor | None:
         unknown = set(y) - set(self.embeddings)
         if unknown:
-            raise CtrlDiffError(f"unknown control {sorted(unknown)[0]!r}; this model has {sorted(self.embeddings)}")
+            raise CtrlDiffError(f"unknown control {min(unknown)!r}; this model has {sorted(self.embeddings)}")
         embs = [self.embeddings[k](v) for k, v in y.items()]
         return torch.stack(embs).sum(0) if embs else None
 
@@ -80,7 +80,7 @@ class ControlledDenoiser(nn.Module):
         save_weights(path, self.adapter_state(), {**self.meta(), **(extra or {})})
 
     @classmethod
-    def load(cls, path, backend) -> "ControlledDenoiser":
+    def load(cls, path, backend) -> ControlledDenoiser:
         """Rebuild from a checkpoint written by `save` on top of the given base."""
         state, meta = load_weights(path)
         if meta.get("kind") != "ctrl":

