@@ -91,7 +91,7 @@ def _load_model(args, cfg):
         raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
                             f"{cfg.data.resolution}; pass the matching --preset")
     backend = backend_for(cfg, args.base)
-    return ControlledDenoiser.load(args.ckpt, backend), backend
+    return ControlledDenoiser.load(args.ckpt, backend).merge_lora(), backend
 
 
 def cmd_sample(args) -> None:

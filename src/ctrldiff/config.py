@@ -47,14 +47,14 @@ class ClassifierConfig:
 @dataclass
 class RLConfig:
     controls: dict[str, float] = field(default_factory=lambda: {"compress4": 10.0})  # control -> gamma
-    steps: int = 300  # optimiser steps
+    steps: int = 150  # optimiser steps (~2 s each on 2 CPU cores at 16 px)
     batch: int = 32  # samples per step, (c, y) drawn fresh for each
     lora_rank: int = 4  # 0 = embedding only
-    lr_lora: float = 3e-4
-    lr_emb: float = 1e-2  # the new embeddings learn 10-100x faster (official settings)
+    lr_lora: float = 3e-3  # official SD: 1e-3 (compress4) / 3e-4 (multi); our small UNet tolerates more
+    lr_emb: float = 0.1  # the new embeddings learn faster (official: 1e-2); see docs/benchmarks.md
     weight_decay: float = 0.1
     clip: float = 5.0  # grad-norm clip
-    truncate: int | str | None = None  # None, last-K steps (int) or "random"
+    truncate: int | str | None = "random"  # None (full), last-K steps (int) or "random" (official scheme)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier
 

@@ -101,6 +101,7 @@ def real_features(cfg: Config, oracle: Classifier):
 def run_evaluate(cfg: Config, run: Run, model: ControlledDenoiser, backend, progress: bool = True) -> dict:
     """Evaluate CTRL and the base side by side against the oracles; writes metrics.json/.md and sample grids."""
     controls = controls_of(cfg)
+    model.merge_lora()
     oracle = digit_oracle(cfg.data.resolution)
     real = real_features(cfg, oracle)
     results = {}

@@ -59,6 +59,16 @@ class ControlledDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y))
 
+    def merge_lora(self) -> "ControlledDenoiser":
+        """Fold LoRA into the frozen weights (peft's `merge`) for sampling: same outputs up to float rounding,
+        no extra convolutions. Training after this would update dead adapters, so it is for inference only."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.net.modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                module.merge()
+        return self.requires_grad_(False)
+
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.net.named_parameters() if "lora_" in n]
 
