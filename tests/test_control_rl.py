@@ -120,3 +120,14 @@ def test_non_finite_reward_stops_with_the_step(tiny_backend):
     term.classifier.k = float("nan")
     with pytest.raises(CtrlDiffError, match="non-finite loss or gradient at step 0"):
         finetune(tiny_backend, [term], cfg, progress=False)
+
+
+def test_merged_lora_samples_like_the_adapter(tiny_backend):
+    cfg = tiny()
+    cfg.rl.steps, cfg.rl.lr_lora = 3, 0.05
+    model, _ = finetune(tiny_backend, [_brightness_task(tiny_backend, cfg)], cfg, progress=False)
+    x, t, cond = _batch()
+    cond = Cond(cond.c, {"bright2": cond.y["a"] % 2})
+    before = model(x, t, cond)
+    assert not torch.equal(before, tiny_backend.denoiser(x, t, cond))  # LoRA moved
+    torch.testing.assert_close(model.merge_lora()(x, t, cond), before, atol=1e-5, rtol=1e-5)

@@ -109,16 +109,21 @@ def cmd_sample(args) -> None:
 
     cfg = _cfg(args)
     model, backend = _load_model(args, cfg)
-    run = Run(_out(args, "sample"), cfg, args.overwrite)
     controls = [get_control(k) for k in model.controls]
     if args.y or args.c is not None:  # one condition, n samples
+        if args.n < 1:
+            raise CtrlDiffError(f"-n {args.n}: ask for at least one sample")
         y = {}
         for item in args.y:
             name, _, v = item.partition("=")
             ctl = get_control(name)
             if name not in model.controls:
                 raise CtrlDiffError(f"control {name!r} is not in this checkpoint; choose from {sorted(model.controls)}")
-            y[name] = ctl.check_labels(torch.full((args.n,), int(v) if v.lstrip("-").isdigit() else -1))
+            try:
+                label = int(v)
+            except ValueError:
+                raise CtrlDiffError(f"--y {item!r}: the label must be an integer in 0..{ctl.num_classes - 1}") from None
+            y[name] = ctl.check_labels(torch.full((args.n,), label))
         if args.c is not None and not 0 <= args.c < backend.num_c:
             raise CtrlDiffError(f"digit c={args.c} is outside 0..{backend.num_c - 1}")
         c = torch.full((args.n,), backend.num_c if args.c is None else args.c)
@@ -126,6 +131,7 @@ def cmd_sample(args) -> None:
     else:  # the grid: rows = joint y, columns = c
         cond = balanced_conditions(backend.num_c * int(torch.tensor(list(model.controls.values())).prod()),
                                    backend.num_c, model.controls)
+    run = Run(_out(args, "sample"), cfg, args.overwrite)  # only once the request is valid
     images, _, seconds = generate(y_guidance(model, cfg.eval.guidance), backend, cond, cfg, cfg.seed)
     save_weights(run.path("samples.safetensors"), {"images": images, "c": cond.c, **{f"y.{k}": v for k, v in cond.y.items()}},
                  {"kind": "samples"})
