@@ -39,7 +39,7 @@ def test_sample_and_evaluate_from_a_checkpoint(demo_dir, tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ctrldiff.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "ctrldiff.cli", *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctrldiff.config import PRESETS, Config, apply_overrides, from_dict, preset
+from ctrldiff.config import PRESETS, Config, RLConfig, apply_overrides, from_dict, preset
 from ctrldiff.io import (
     CtrlDiffError,
     atomic_path,
@@ -34,10 +34,10 @@ def test_presets():
 
 def test_override_sets_value_without_mutating():
     cfg = Config()
-    out = apply_overrides(cfg, ["rl.steps=5", "sampler.eta=0", "rl.truncate=random", "seed=3"])
-    assert out.rl.steps == 5 and cfg.rl.steps == 300
+    out = apply_overrides(cfg, ["rl.steps=5", "sampler.eta=0", "rl.truncate=null", "seed=3"])
+    assert out.rl.steps == 5 and cfg.rl.steps == RLConfig().steps
     assert out.sampler.eta == 0.0 and isinstance(out.sampler.eta, float)  # an int literal for a float field
-    assert out.rl.truncate == "random" and cfg.rl.truncate is None
+    assert out.rl.truncate is None and cfg.rl.truncate == RLConfig().truncate == "random"
     assert out.seed == 3 and cfg.seed == 0
     assert apply_overrides(cfg, ["rl.truncate=2"]).rl.truncate == 2
     assert apply_overrides(cfg, ["pretrain.channels=[4, 8]"]).pretrain.channels == [4, 8]

@@ -29,7 +29,8 @@ def test_equal_to_base_at_init(tiny_backend, rank):
     base = tiny_backend.denoiser(x, t, cond)
     assert torch.equal(model(x, t, cond), base)
     assert torch.equal(model(x, t, Cond(cond.c, {})), base)
-    assert torch.equal(y_guidance(model, 4.0)(x, t, cond), base)
+    # guidance batches (null, y) together: equal to the base up to the rounding of a larger batch
+    torch.testing.assert_close(y_guidance(model, 4.0)(x, t, cond), base, atol=1e-6, rtol=0)
 
 
 def test_only_new_parameters_are_trainable(tiny_backend):

@@ -69,9 +69,8 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
 
 
 def cmd_finetune(args) -> None:
-    from .runs import Run
-
     from .pipeline import check_finetune
+    from .runs import Run
 
     cfg = _cfg(args)
     check_finetune(cfg)
@@ -82,9 +81,8 @@ def cmd_finetune(args) -> None:
 
 def _load_model(args, cfg):
     from .control import ControlledDenoiser
-    from .pipeline import backend_for
-
     from .io import load_weights
+    from .pipeline import backend_for
 
     meta = load_weights(args.ckpt)[1]
     if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:

@@ -88,8 +88,11 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
     """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress)
     model.save(run.path("ctrl.safetensors"), {"resolution": cfg.data.resolution, "summary": summary["seconds"]})
-    keys = sorted({k for r in run.records() for k in r if k.startswith(("acc_", "reward", "kl"))})
-    plot_curves(run.records(), keys, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
+    records = run.records()
+    keys = sorted({k for r in records for k in r})
+    panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
+              "reward (sum of gamma log p)": ["reward"], "path KL to the base (nats)": ["kl"]}
+    plot_curves(records, panels, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
     return model, summary
 
 

@@ -28,18 +28,15 @@ def save_grid(images: torch.Tensor, rows: int, cols: int, path: str | Path, scal
         img.save(tmp, format="PNG")
 
 
-def plot_curves(records: list[dict], keys: list[str], path: str | Path, title: str = "") -> None:
-    """One panel per key group (prefix before '/'), x = step."""
+def plot_curves(records: list[dict], panels: dict[str, list[str]], path: str | Path, title: str = "") -> None:
+    """One panel per entry of `panels` (title -> record keys), x = step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        groups.setdefault(k.split("/")[0], []).append(k)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
-    for ax, (name, ks) in zip(axes[0], groups.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (name, ks) in zip(axes[0], panels.items()):
         for k in ks:
             pts = [(r["step"], r[k]) for r in records if k in r]
             if pts:

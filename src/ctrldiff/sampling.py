@@ -110,8 +110,11 @@ def sample(
 
 
 def _call(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, ckpt: bool, detach: bool) -> Tensor:
-    eps = grad_checkpoint(denoiser, x, t, cond, use_reentrant=False) if ckpt else denoiser(x, t, cond)
-    return eps.detach() if detach else eps
+    """One network evaluation; a detached one builds no graph at all (x_t keeps its own)."""
+    if detach:
+        with torch.no_grad():
+            return denoiser(x, t, cond)
+    return grad_checkpoint(denoiser, x, t, cond, use_reentrant=False) if ckpt else denoiser(x, t, cond)
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ class ControlledDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y))
 
-    def merge_lora(self) -> "ControlledDenoiser":
+    def merge_lora(self) -> ControlledDenoiser:
         """Fold LoRA into the frozen weights (peft's `merge`) for sampling: same outputs up to float rounding,
         no extra convolutions. Training after this would update dead adapters, so it is for inference only."""
         from peft.tuners.lora import LoraLayer
