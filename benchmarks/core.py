@@ -142,6 +142,8 @@ def main() -> None:
            (f"Produced by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
             f"total wall time {time.time() - t_start:.0f} s. Every number below comes from that run.\n"),
            "## Pre-trained base model (shipped `base16.safetensors`)\n",
+           ("Reproduced by `OMP_NUM_THREADS=1 ctrldiff pretrain --out runs/pretrain-16` (8,000 steps, 1,533 s on one "
+            "thread; see `src/ctrldiff/assets/README.md`).\n"),
            f"{base['samples']} base samples (DDIM {cfg.sampler.steps} steps, eta {cfg.sampler.eta}, 100 per digit):\n",
            "| | digit accuracy by the evaluation classifier | feature-FID vs held-out real digits |",
            "|---|---|---|",
