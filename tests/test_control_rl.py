@@ -86,7 +86,7 @@ def test_short_finetune_raises_oracle_accuracy(tiny_backend):
     model, summary = finetune(tiny_backend, [term], cfg, progress=False)
     after = _oracle_accuracy(model, tiny_backend, term, cfg)
     assert before < 0.7 and after > 0.9, (before, after)
-    assert summary["last"]["kl"] > 0
+    assert 0 < summary["last"]["kl"] < 20  # a biased KL gradient (reference without a graph) ran away to ~7e4
     emb = model.embeddings["bright2"].weight
     assert torch.equal(emb[-1], torch.zeros_like(emb[-1])) and emb[:-1].abs().sum() > 0  # null row frozen
     for k, v in tiny_backend.net.state_dict().items():  # the frozen base never moved
