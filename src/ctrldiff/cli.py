@@ -81,10 +81,10 @@ def cmd_finetune(args) -> None:
 
 def _load_model(args, cfg):
     from .control import ControlledDenoiser
-    from .io import load_weights
+    from .io import read_meta
     from .pipeline import backend_for
 
-    meta = load_weights(args.ckpt)[1]
+    meta = read_meta(args.ckpt)
     if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
         raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
                             f"{cfg.data.resolution}; pass the matching --preset")
@@ -156,9 +156,9 @@ def cmd_evaluate(args) -> None:
 
 
 def _ckpt_controls(path) -> dict:
-    from .io import load_weights
+    from .io import read_meta
 
-    return load_weights(path)[1].get("controls", {})
+    return read_meta(path).get("controls", {})
 
 
 def cmd_demo(args) -> None:

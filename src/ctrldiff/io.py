@@ -60,8 +60,17 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict 
         save_file(tensors, str(tmp), metadata={"ctrldiff": json.dumps(meta or {})})
 
 
+def read_meta(path: str | Path) -> dict:
+    """The ctrldiff metadata in a safetensors header, without reading the tensors."""
+    return _read(path, tensors=False)[1]
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load tensors and metadata from safetensors (never unpickling)."""
+    return _read(path, tensors=True)
+
+
+def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise CtrlDiffError(f"missing checkpoint {path}")
@@ -70,7 +79,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("ctrldiff", "{}"))
-        return load_file(str(path)), meta
+        return (load_file(str(path)) if tensors else {}), meta
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise CtrlDiffError(f"corrupt checkpoint {path}: {e}") from None
 
