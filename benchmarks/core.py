@@ -2,7 +2,7 @@
 
     python benchmarks/core.py [--out runs/bench-core] [--set KEY=VALUE ...]
 
-Writes docs/benchmarks.md (the tables below the header are produced by this script, nothing typed by hand).
+Writes its section of docs/benchmarks.md (the tables are produced by this script, nothing typed by hand).
 Each CTRL task runs in its own subprocess so that its peak memory (ru_maxrss) is its own.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -19,9 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from _doc import machine, write_section
 
 from ctrldiff import config as C
 from ctrldiff.evaluate import features, frechet_distance, generate
+from ctrldiff.methods import build_method
 from ctrldiff.pipeline import (
     backend_for,
     controls_of,
@@ -39,12 +39,6 @@ from ctrldiff.tasks.mnist import load_digits, to_unit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    return f"{os.cpu_count()} cores ({cpu}), {platform.python_version()}, torch {torch.__version__}"
-
-
 def base_quality(cfg: C.Config, n_per_digit: int = 100) -> dict:
     """Digit fidelity and feature-FID of base samples, next to the same numbers for real held-out digits."""
     backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
@@ -52,11 +46,12 @@ def base_quality(cfg: C.Config, n_per_digit: int = 100) -> dict:
     ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
     tr = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
     cond = balanced_conditions(10 * n_per_digit, 10, {})
-    images, _, seconds = generate(backend.denoiser, backend, cond, cfg, seed=1)
+    images, _, cost = generate(build_method("base", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta),
+                               backend, cond, cfg, seed=1)
     g = torch.Generator().manual_seed(0)
     real_train = to_unit(tr.x[torch.randperm(len(tr), generator=g)[:len(images)]])
     return {
-        "samples": len(images), "seconds_per_sample": seconds / len(images),
+        "samples": len(images), "seconds_per_sample": cost["seconds"],
         "digit_fidelity_base": (oracle.predict(images * 2 - 1) == cond.c).float().mean().item(),
         "digit_accuracy_real_heldout": (oracle.predict(ho.x) == ho.c).float().mean().item(),
         "feature_fid_base": frechet_distance(features(oracle, images), real),
@@ -73,7 +68,9 @@ def ctrl_task(preset: str, overrides: list[str], out: Path) -> dict:
     t_clf = time.time() - t0
     backend = backend_for(cfg)
     model, summary = run_finetune(cfg, run, terms, backend)
-    results = run_evaluate(cfg, run, model, backend)
+    ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
+                        model=model.merge_lora())
+    results = run_evaluate(cfg, run, [ctrl], backend)
     return {"preset": preset, "config": cfg.to_dict(), "classifiers": reports, "classifier_seconds": t_clf,
             "finetune_seconds": summary["seconds"], "results": results,
             "table": results_table(results, controls_of(cfg)),
@@ -138,7 +135,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         tasks.append(json.loads(out.split("RESULT ", 1)[1]))
     command = "python benchmarks/core.py " + " ".join(sys.argv[1:])
-    doc = ["# Benchmarks — core (CTRL on the embedded default)\n",
+    doc = ["# Core: CTRL on the embedded default\n",
            (f"Produced by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
             f"total wall time {time.time() - t_start:.0f} s. Every number below comes from that run.\n"),
            "## Pre-trained base model (shipped `base16.safetensors`)\n",
@@ -166,9 +163,8 @@ def main() -> None:
                  f"{t['results']['ctrl']['seconds_per_sample'] / t['results']['base']['seconds_per_sample']:.2f}.\n"),
                 t["table"]]
     doc += targets(base, {t["preset"]: t for t in tasks})
-    path = ROOT / "docs" / "benchmarks.md"
-    path.write_text("\n".join(doc))
-    print(path.read_text())
+    write_section("core", "\n".join(doc))
+    print("\n".join(doc))
 
 
 if __name__ == "__main__":

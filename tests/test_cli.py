@@ -48,6 +48,14 @@ def _cli(*args, cwd=None):
     (["finetune", "--set", "rl.controls={\"nope\": 1}"], "unknown control 'nope'; choose from"),
     (["finetune", "--set", "sampler.eta=0", "--preset", "tiny"], "eta"),
     (["sample", "--ckpt", "missing.safetensors"], "missing checkpoint"),
+    (["sample", "--method", "nope"], "unknown method 'nope'; choose from base, ctrl, cfg, dps"),
+    (["evaluate", "--method", "dps", "--knob", "particles=2"], "knob 'particles' does not belong to method 'dps'"),
+    (["evaluate", "--method", "smc", "--knob", "particles=0.5"], "must be an integer >= 1"),
+    (["evaluate", "--method", "dps", "--knob", "w"], "not of the form key=value"),
+    (["evaluate", "--method", "dps"], "method 'dps' needs --classifiers"),
+    (["evaluate", "--method", "ctrl"], "method 'ctrl' needs --ckpt"),
+    (["finetune", "--method", "smc"], "choose ctrl (pairs, RL) or cfg (triplets, DSM)"),
+    (["finetune", "--method", "cfg", "--set", "triplets.n=0"], "choose null (all) or an int n >= 1"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
@@ -72,3 +80,28 @@ def test_existing_run_folder_is_not_overwritten(demo_dir, tmp_path):
     r = _cli("sample", "--preset", "tiny", "--ckpt", str(demo_dir / "ctrl.safetensors"), "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr
     assert (out / "keep.txt").read_text() == "precious" and not (out / "config.json").exists()
+
+
+def test_baselines_from_the_cli(demo_dir, tmp_path):
+    """A guidance baseline reuses the run's classifiers; its cost per sample is what it ran (tiny: 5 steps)."""
+    assert main(["evaluate", "--preset", "tiny", "--method", "dps", "--classifiers", str(demo_dir),
+                 "--knob", "w=0.3", "--out", str(tmp_path / "dps")]) == 0
+    metrics = json.loads((tmp_path / "dps" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "dps"} and metrics["dps"]["knobs"] == {"w": 0.3}
+    assert metrics["dps"]["cost_per_sample"]["forward_denoiser"] == 5
+    assert metrics["dps"]["cost_per_sample"]["backward_denoiser"] == 5
+    assert metrics["base"]["cost_per_sample"]["backward_denoiser"] == 0
+    r = _cli("evaluate", "--preset", "tiny", "--method", "classifier", "--classifiers", str(demo_dir),
+             "--out", str(tmp_path / "cg"))
+    assert r.returncode == 2 and "noisy-compress4.safetensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cfg_baseline_trains_and_samples_from_the_cli(tmp_path):
+    assert main(["finetune", "--method", "cfg", "--preset", "tiny", "--set", "triplets.n=50",
+                 "--out", str(tmp_path / "cfg")]) == 0
+    ckpt = str(tmp_path / "cfg" / "cfg.safetensors")
+    assert main(["sample", "--preset", "tiny", "--method", "cfg", "--ckpt", ckpt, "--knob", "w=3",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.png").is_file()
+    r = _cli("sample", "--preset", "tiny", "--ckpt", ckpt, "--out", str(tmp_path / "s2"))  # --method ctrl
+    assert r.returncode == 2 and "trained by 'cfg', not 'ctrl'; pass --method cfg" in r.stderr

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .config import ClassifierConfig
 from .io import CtrlDiffError, load_state, load_weights, save_weights
 from .models import SmallCNN
+from .schedule import Schedule, add_noise
 
 
 class Classifier(nn.Module):
@@ -110,6 +111,25 @@ def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:
             "ece_raw": expected_calibration_error(raw, y), "ece_calibrated": expected_calibration_error(cal, y)}
 
 
+def fit_net(net: nn.Module, x: Tensor, y: Tensor, cfg: ClassifierConfig, g: torch.Generator, inputs,
+            name: str = "", log=None, progress: bool = True) -> None:
+    """Maximum likelihood with AdamW and a one-cycle schedule; `inputs(x_batch)` builds what the net sees."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(x) // cfg.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    for epoch in tqdm(range(cfg.epochs), desc=f"classifier {name}", disable=not progress, dynamic_ncols=True):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(steps_per_epoch):
+            b = order[i * cfg.batch:(i + 1) * cfg.batch]
+            loss = F.cross_entropy(net(inputs(x[b])), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if log is not None:
+            log({"classifier": name, "epoch": epoch, "loss": loss.item()})
+
+
 def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig, seed: int = 0,
                    name: str = "", log=None, progress: bool = True) -> tuple[Classifier, dict]:
     """Fit p̂(y|x) on pairs (x in [-1, 1], y in 0..K-1), calibrate T on a held-back fraction; returns it + a report."""
@@ -126,22 +146,8 @@ def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig
     n_val = max(1, int(cfg.val_frac * len(x)))
     val, tr = perm[:n_val], perm[n_val:]
     clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1]), name)
-    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, len(tr) // cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     t0 = time.time()
-    for epoch in tqdm(range(cfg.epochs), desc=f"classifier {name}", disable=not progress, dynamic_ncols=True):
-        # --- one epoch of maximum likelihood on augmented pairs
-        order = tr[torch.randperm(len(tr), generator=g)]
-        for i in range(steps_per_epoch):
-            b = order[i * cfg.batch:(i + 1) * cfg.batch]
-            loss = F.cross_entropy(clf.net(augment(x[b], cfg.noise, cfg.shift, g)), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if log is not None:
-            log({"classifier": name, "epoch": epoch, "loss": loss.item()})
+    fit_net(clf.net, x[tr], y[tr], cfg, g, lambda xb: augment(xb, cfg.noise, cfg.shift, g), name, log, progress)
     # --- calibration: one temperature on the held-back pairs
     clf.eval()
     with torch.no_grad():
@@ -150,3 +156,53 @@ def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig
     report = {"name": name, "pairs": len(x), "temperature": clf.temperature.item(), "seconds": time.time() - t0,
               "calibration_split": evaluate_classifier(clf, x[val], y[val])}
     return clf, report
+
+
+class NoisyClassifier(nn.Module):
+    """p̂(y | x_t, t) on noisy latents, for classifier guidance (Dhariwal & Nichol 2021): the same small CNN
+    with one extra input channel holding t / T, so no new architecture is needed for the time input."""
+
+    def __init__(self, net: SmallCNN, num_train_timesteps: int = 1000, name: str = ""):
+        super().__init__()
+        self.net, self.name, self.num_train_timesteps = net, name, num_train_timesteps
+
+    def inputs(self, x_t: Tensor, t: Tensor) -> Tensor:
+        level = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).expand(-1, 1, *x_t.shape[2:])
+        return torch.cat([x_t, level.to(x_t.dtype)], 1)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(self.inputs(x_t, t))
+
+    def log_prob(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self(x_t, t).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    def save(self, path, extra: dict | None = None) -> None:
+        save_weights(path, self.state_dict(), {"kind": "noisy_classifier", "name": self.name, "model": self.net.config,
+                                               "num_train_timesteps": self.num_train_timesteps, **(extra or {})})
+
+    @classmethod
+    def load(cls, path, name: str | None = None) -> NoisyClassifier:
+        state, meta = load_weights(path)
+        if meta.get("kind") != "noisy_classifier":
+            raise CtrlDiffError(f"{path} is not a noise-aware classifier (kind={meta.get('kind')!r})")
+        if name is not None and meta.get("name") != name:
+            raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+        clf = cls(SmallCNN(**meta["model"]), meta["num_train_timesteps"], meta.get("name", ""))
+        load_state(clf, state, path)
+        return clf.eval().requires_grad_(False)
+
+
+def fit_noisy_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig, schedule: Schedule,
+                         seed: int = 0, name: str = "", progress: bool = True) -> NoisyClassifier:
+    """Fit p̂(y | x_t, t) on the same pairs as p̂(y|x), each batch noised by q(x_t | x_0) at t ~ U{0..T-1}."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = NoisyClassifier(SmallCNN(num_classes, in_channels=x.shape[1] + 1), schedule.num_train_timesteps, name)
+
+    def noised(xb: Tensor) -> Tensor:
+        t = torch.randint(0, schedule.num_train_timesteps, (len(xb),), generator=g)
+        x0 = augment(xb, 0.0, cfg.shift, g)
+        return clf.inputs(add_noise(schedule, x0, torch.randn(x0.shape, generator=g), t), t)
+
+    fit_net(clf.net, x, y, cfg, g, noised, f"{name} (noise-aware)", progress=progress)
+    return clf.eval().requires_grad_(False)

@@ -52,11 +52,12 @@ def cmd_classifier(args) -> None:
 
     cfg = _cfg(args)
     run = Run(_out(args, "classifier"), cfg, args.overwrite)
-    _, reports = fit_reward_terms(cfg, run)
+    _, reports = fit_reward_terms(cfg, run, noisy=True)
     for name, r in reports.items():
         h = r["heldout"]
+        noisy = ", ".join(f"{k} {v:.2f}" for k, v in r["noise_aware_heldout_accuracy"].items())
         print(f"{name}: held-out accuracy {h['accuracy']:.3f}, ECE {h['ece_raw']:.3f} -> {h['ece_calibrated']:.3f} "
-              f"(T = {r['temperature']:.3f})")
+              f"(T = {r['temperature']:.3f}); noise-aware classifier at {noisy}")
     print(f"wrote {run.dir}/")
 
 
@@ -69,45 +70,75 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
 
 
 def cmd_finetune(args) -> None:
-    from .pipeline import check_finetune
+    from .pipeline import backend_for, check_finetune, controls_of, run_cfg_finetune
     from .runs import Run
 
     cfg = _cfg(args)
+    if args.method not in ("ctrl", "cfg"):
+        raise CtrlDiffError(f"finetune --method {args.method!r}; choose ctrl (pairs, RL) or cfg (triplets, DSM)")
+    if args.method == "cfg":
+        controls_of(cfg)
+        run = Run(_out(args, "finetune"), cfg, args.overwrite)
+        _, summary = run_cfg_finetune(cfg, run, backend_for(cfg, args.base))
+        print(f"wrote {run.path('cfg.safetensors')} ({summary['triplets']} triplets, {summary['seconds']:.0f} s)")
+        return
     check_finetune(cfg)
     run = Run(_out(args, "finetune"), cfg, args.overwrite)
     _finetune(cfg, run, args.classifiers, args.base)
     print(f"wrote {run.path('ctrl.safetensors')} and {run.path('curves.png')}")
 
 
-def _load_model(args, cfg):
-    from .control import ControlledDenoiser
-    from .io import read_meta
-    from .pipeline import backend_for
+def _parse_knobs(items: list[str]) -> dict:
+    import json
 
-    meta = read_meta(args.ckpt)
-    if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
-        raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
-                            f"{cfg.data.resolution}; pass the matching --preset")
+    knobs = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CtrlDiffError(f"--knob {item!r} is not of the form key=value")
+        try:
+            knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            raise CtrlDiffError(f"--knob {item!r}: the value must be a number") from None
+    return knobs
+
+
+def _method(args, cfg):
+    """The backend and the requested method, with cfg.rl.controls set to the controls it samples."""
+    from .io import read_meta
+    from .methods import check_knobs
+    from .pipeline import backend_for, method_for
+
+    knobs = _parse_knobs(args.knobs)
+    check_knobs(args.method, knobs)  # fail before loading anything
+    if args.ckpt is not None:
+        if args.method not in ("ctrl", "cfg"):
+            raise CtrlDiffError(f"--ckpt is for --method ctrl or cfg, not {args.method!r}")
+        meta = read_meta(args.ckpt)
+        if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
+            raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
+                                f"{cfg.data.resolution}; pass the matching --preset")
+        cfg.rl.controls = {k: cfg.rl.controls.get(k, 0.0) for k in meta.get("controls", {})}
     backend = backend_for(cfg, args.base)
-    return ControlledDenoiser.load(args.ckpt, backend).merge_lora(), backend
+    return method_for(cfg, args.method, backend, knobs, args.ckpt, args.classifiers), backend
 
 
 def cmd_sample(args) -> None:
     import torch
 
     from .contracts import Cond
-    from .control import y_guidance
     from .evaluate import generate
     from .io import save_weights
-    from .pipeline import grid_of
+    from .pipeline import controls_of, grid_of
     from .plots import save_grid
     from .rl.finetune import balanced_conditions
     from .runs import Run
     from .tasks.controls import get_control
 
     cfg = _cfg(args)
-    model, backend = _load_model(args, cfg)
-    controls = [get_control(k) for k in model.controls]
+    method, backend = _method(args, cfg)
+    controls = controls_of(cfg)
+    ks = {c.name: c.num_classes for c in controls}
     if args.y or args.c is not None:  # one condition, n samples
         if args.n < 1:
             raise CtrlDiffError(f"-n {args.n}: ask for at least one sample")
@@ -115,24 +146,25 @@ def cmd_sample(args) -> None:
         for item in args.y:
             name, _, v = item.partition("=")
             ctl = get_control(name)
-            if name not in model.controls:
-                raise CtrlDiffError(f"control {name!r} is not in this checkpoint; choose from {sorted(model.controls)}")
+            if name not in ks:
+                raise CtrlDiffError(f"control {name!r} is not sampled here; choose from {sorted(ks)}")
             try:
                 label = int(v)
             except ValueError:
                 raise CtrlDiffError(f"--y {item!r}: the label must be an integer in 0..{ctl.num_classes - 1}") from None
             y[name] = ctl.check_labels(torch.full((args.n,), label))
+        if method.name not in ("base", "ctrl", "cfg") and set(y) != set(ks):
+            raise CtrlDiffError(f"method {method.name!r} needs a label for every control: pass --y for {sorted(ks)}")
         if args.c is not None and not 0 <= args.c < backend.num_c:
             raise CtrlDiffError(f"digit c={args.c} is outside 0..{backend.num_c - 1}")
         c = torch.full((args.n,), backend.num_c if args.c is None else args.c)
         cond = Cond(c, y)
     else:  # the grid: rows = joint y, columns = c
-        cond = balanced_conditions(backend.num_c * int(torch.tensor(list(model.controls.values())).prod()),
-                                   backend.num_c, model.controls)
+        cond = balanced_conditions(backend.num_c * int(torch.tensor(list(ks.values())).prod()), backend.num_c, ks)
     run = Run(_out(args, "sample"), cfg, args.overwrite)  # only once the request is valid
-    images, _, seconds = generate(y_guidance(model, cfg.eval.guidance), backend, cond, cfg, cfg.seed)
+    images, _, cost = generate(method, backend, cond, cfg, cfg.seed)
     save_weights(run.path("samples.safetensors"), {"images": images, "c": cond.c, **{f"y.{k}": v for k, v in cond.y.items()}},
-                 {"kind": "samples"})
+                 {"kind": "samples", "method": method.name, "knobs": method.knobs, "cost_per_sample": cost})
     if args.y or args.c is not None:
         cols = min(args.n, 8)
         rows = -(-args.n // cols)
@@ -140,7 +172,9 @@ def cmd_sample(args) -> None:
         save_grid(torch.cat([images, pad]), rows, cols, run.path("samples.png"))
     else:
         save_grid(*grid_of(images, cond, controls), run.path("samples.png"))
-    print(f"{len(images)} samples in {seconds:.1f} s -> {run.path('samples.png')}")
+    passes = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in cost.items() if k != "seconds")
+    print(f"{len(images)} samples by {method.name} {method.knobs} in {cost['seconds'] * len(images):.1f} s "
+          f"(per sample: {passes}) -> {run.path('samples.png')}")
 
 
 def cmd_evaluate(args) -> None:
@@ -148,20 +182,14 @@ def cmd_evaluate(args) -> None:
     from .runs import Run
 
     cfg = _cfg(args)
-    cfg.rl.controls = {k: cfg.rl.controls.get(k, 0.0) for k in _ckpt_controls(args.ckpt)}
-    model, backend = _load_model(args, cfg)
+    method, backend = _method(args, cfg)
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
-    run_evaluate(cfg, run, model, backend)
+    run_evaluate(cfg, run, [method], backend)
     print((run.path("metrics.md")).read_text())
 
 
-def _ckpt_controls(path) -> dict:
-    from .io import read_meta
-
-    return read_meta(path).get("controls", {})
-
-
 def cmd_demo(args) -> None:
+    from .methods import build_method
     from .pipeline import check_finetune, controls_of, results_table, run_evaluate
     from .runs import Run
 
@@ -174,7 +202,9 @@ def cmd_demo(args) -> None:
         run = Run(root / name, cfg, args.overwrite)
         print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
         model, backend = _finetune(cfg, run, None, None)
-        results = run_evaluate(cfg, run, model, backend)
+        ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
+                            model=model.merge_lora())
+        results = run_evaluate(cfg, run, [ctrl], backend)
         tables.append(f"### {name}: {' x '.join(cfg.rl.controls)}\n\n" + results_table(results, controls_of(cfg)))
     print("\n" + "\n".join(tables))
 
@@ -191,17 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_classifier)
 
-    p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model")
+    p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model "
+                                        "(or, --method cfg, the CFG baseline on triplets)")
     _common(p)
+    p.add_argument("--method", default="ctrl", help="ctrl (pairs, RL; default) or cfg (triplets, score matching)")
     p.add_argument("--classifiers", type=Path, help="a `ctrldiff classifier` run folder (default: fit them here)")
     p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped for the resolution)")
     p.set_defaults(fn=cmd_finetune)
 
-    for name, fn, text in [("sample", cmd_sample, "sample a fine-tuned model (grid rows = y, columns = c)"),
-                           ("evaluate", cmd_evaluate, "evaluate a fine-tuned model and the base against oracles")]:
+    methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n"
+    for name, fn, text in [("sample", cmd_sample, "sample with a method (grid rows = y, columns = c)"),
+                           ("evaluate", cmd_evaluate, "evaluate a method and the base against the oracles")]:
         p = sub.add_parser(name, help=text)
         _common(p)
-        p.add_argument("--ckpt", type=Path, required=True, help="ctrl.safetensors written by `ctrldiff finetune`")
+        p.add_argument("--method", default="ctrl", help=f"one of {methods} (default ctrl)")
+        p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE",
+                       help="a knob of the method, repeatable (e.g. --knob w=2); see docs/baselines.md")
+        p.add_argument("--ckpt", type=Path, help="checkpoint of `ctrldiff finetune` (methods ctrl, cfg)")
+        p.add_argument("--classifiers", type=Path, help="`ctrldiff classifier` run folder (guidance methods)")
         p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")
         if name == "sample":
             p.add_argument("--y", action="append", default=[], metavar="CONTROL=LABEL", help="fix a control's label")

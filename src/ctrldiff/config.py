@@ -60,6 +60,20 @@ class RLConfig:
 
 
 @dataclass
+class TripletsConfig:
+    """The CFG baseline: the augmented model fitted by denoising score matching on (x, c, y) triplets."""
+
+    n: int | None = None  # triplets used (a seeded random subset); null = all 4,000 training digits
+    steps: int = 1000  # optimiser steps (~0.2 s each at batch 64 on 2 CPU cores)
+    batch: int = 64
+    lora_rank: int = 4  # the same adapter as CTRL's
+    lr_lora: float = 1e-3
+    lr_emb: float = 1e-2
+    weight_decay: float = 0.0
+    p_uncond: float = 0.15  # each y dropped to null this often (METHOD.md §6: ~0.1-0.2)
+
+
+@dataclass
 class EvalConfig:
     per_class: int = 128  # samples per requested class (per joint class for several controls)
     guidance: float = 1.0  # weight w on y: eps(c, null) + w (eps(c, y) - eps(c, null)); 1 = no guidance
@@ -75,6 +89,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    triplets: TripletsConfig = field(default_factory=TripletsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -109,6 +124,7 @@ def tiny() -> Config:
     cfg.pretrain.steps, cfg.pretrain.batch, cfg.pretrain.channels = 20, 16, [8, 16]
     cfg.classifier.epochs = 1
     cfg.rl.steps, cfg.rl.batch, cfg.rl.monitor_every = 3, 8, 2
+    cfg.triplets.steps, cfg.triplets.batch = 3, 8
     cfg.eval.per_class = 4
     return cfg
 
@@ -157,6 +173,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if last == "truncate":
                 if not (value is None or value == "random" or (type(value) is int and value >= 0)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 0 or \"random\"")
+            elif last == "n":
+                if not (value is None or (type(value) is int and value >= 1)):
+                    raise CtrlDiffError(f"{key}={raw!r}; choose null (all) or an int n >= 1")
             elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):
                 raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(old).__name__}")
             setattr(obj, last, value)

@@ -4,7 +4,6 @@ feature-FID, mean path KL to the base and cost. Never uses the classifier that w
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import torch
@@ -15,8 +14,9 @@ from tqdm import tqdm
 from .classifier import Classifier
 from .config import Config
 from .contracts import Cond, Denoiser
+from .methods import Cost, Method
 from .rl.finetune import balanced_conditions
-from .sampling import reference_means, sample
+from .sampling import reference_means
 from .tasks.controls import Control
 
 
@@ -35,34 +35,33 @@ def features(oracle: Classifier, images: torch.Tensor, batch: int = 1024) -> np.
 
 
 @torch.no_grad()
-def generate(denoiser: Denoiser, backend, cond: Cond, cfg: Config, seed: int = 0, reference: Denoiser | None = None,
-             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """Sample one image per row of cond, in batches; returns images in [0, 1], path KLs (if reference) and seconds."""
+def generate(method: Method, backend, cond: Cond, cfg: Config, seed: int = 0, reference: Denoiser | None = None,
+             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Sample one image per row of cond, in batches of `eval.batch` network rows; returns images in [0, 1], the
+    path KLs to `reference` (methods that are one Gaussian chain) and the cost per sample."""
     g = torch.Generator().manual_seed(seed)
-    n, bs = len(cond), cfg.eval.batch
-    images, kls, seconds = [], [], 0.0
-    for i in tqdm(range(0, n, bs), desc="sampling", disable=not progress, dynamic_ncols=True):
+    n, bs = len(cond), max(1, cfg.eval.batch // method.width)
+    images, kls, cost = [], [], Cost()
+    for i in tqdm(range(0, n, bs), desc=f"sampling {method.name}", disable=not progress, dynamic_ncols=True):
         sub = cond.index(torch.arange(i, min(i + bs, n)))
-        x_T = torch.randn((len(sub), *backend.shape), generator=g)
-        t0 = time.perf_counter()
-        traj = sample(denoiser, backend.schedule, x_T, sub, steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g)
-        seconds += time.perf_counter() - t0
-        images.append(backend.decode(traj.x0))
-        if reference is not None:  # the KL is measured on the same trajectories, outside the timed sampling
+        x0, traj = method(sub, g, cost)
+        images.append(backend.decode(x0))
+        if reference is not None and traj is not None:  # on the same trajectories, outside the counted sampling
             traj.ref_means = reference_means(traj, reference, backend.schedule, sub)
             kls.append(traj.path_kl())
-    return torch.cat(images), (torch.cat(kls) if kls else None), seconds
+    return torch.cat(images), (torch.cat(kls) if kls else None), cost.per_sample(n)
 
 
-def evaluate(denoiser: Denoiser, backend, controls: list[Control], cfg: Config, oracle: Classifier,
+def evaluate(method: Method, backend, controls: list[Control], cfg: Config, oracle: Classifier,
              real_features: np.ndarray, reference: Denoiser | None = None, seed: int = 0,
              progress: bool = True) -> tuple[dict, torch.Tensor, Cond]:
     """Metrics of one method on `per_class` samples per joint class of y, c cycling over the digits."""
     ks = {c.name: c.num_classes for c in controls}
     n = cfg.eval.per_class * int(np.prod(list(ks.values())))
     cond = balanced_conditions(n, backend.num_c, ks)
-    images, kl, seconds = generate(denoiser, backend, cond, cfg, seed, reference, progress)
-    out: dict = {"samples": n, "seconds_per_sample": seconds / n}
+    images, kl, cost = generate(method, backend, cond, cfg, seed, reference, progress)
+    out: dict = {"method": method.name, "knobs": method.knobs, "samples": n, "seconds_per_sample": cost["seconds"],
+                 "cost_per_sample": cost}
     correct = torch.ones(n, dtype=torch.bool)
     for ctl in controls:
         want, got = cond.y[ctl.name].numpy(), ctl.label(images).numpy()

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from .backends.pixels import asset_path, load_base
-from .classifier import Classifier, evaluate_classifier, fit_classifier
+from .classifier import Classifier, NoisyClassifier, evaluate_classifier, fit_classifier, fit_noisy_classifier
 from .config import Config
-from .control import ControlledDenoiser, y_guidance
+from .control import ControlledDenoiser
 from .evaluate import evaluate, features
-from .io import CtrlDiffError, write_json, write_text
+from .io import CtrlDiffError, read_meta, write_json, write_text
+from .methods import Method, build_method
+from .methods.triplets import fit_cfg
 from .plots import plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
+from .schedule import add_noise
 from .tasks.controls import Control, get_control
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
 
@@ -52,9 +56,11 @@ def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, 
     return d.x, control.label(to_unit(d.x))
 
 
-def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True) -> tuple[list[RewardTerm], dict]:
+def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
+                     noisy: bool = False) -> tuple[list[RewardTerm], dict]:
     """Step 1 for each control: the reward classifier from the training pairs, calibrated, and an independent
-    monitor classifier from the disjoint held-out pairs (to catch reward hacking)."""
+    monitor classifier from the disjoint held-out pairs (to catch reward hacking). noisy: also the
+    noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs."""
     terms, reports = [], {}
     for ctl in controls_of(cfg):
         x, y = pairs_for(ctl, "train", cfg)
@@ -65,12 +71,29 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True)
         rep["monitor"] = {"pairs": mrep["pairs"], "accuracy_on_train_pairs": evaluate_classifier(mon, x, y)["accuracy"]}
         terms.append(RewardTerm(ctl, clf, cfg.rl.controls[ctl.name], mon))
         reports[ctl.name] = rep
+        if noisy:
+            schedule = backend_for(cfg).schedule
+            nclf = fit_noisy_classifier(x, y, ctl.num_classes, cfg.classifier, schedule, cfg.seed, ctl.name, progress)
+            rep["noise_aware_heldout_accuracy"] = noisy_accuracy(nclf, x_ho, y_ho, schedule, cfg.seed)
+            if run is not None:
+                nclf.save(run.path(f"noisy-{ctl.name}.safetensors"))
         if run is not None:
             clf.save(run.path(f"classifier-{ctl.name}.safetensors"), {"report": rep})
             mon.save(run.path(f"monitor-{ctl.name}.safetensors"))
     if run is not None:
         write_json(run.path("classifiers.json"), reports)
     return terms, reports
+
+
+@torch.no_grad()
+def noisy_accuracy(clf: NoisyClassifier, x, y, schedule, seed: int, ts=(0, 250, 500, 750)) -> dict:
+    """Held-out accuracy of a noise-aware classifier at a few noise levels t."""
+    g, out = torch.Generator().manual_seed(seed), {}
+    for t in ts:
+        tt = torch.full((len(x),), t)
+        x_t = add_noise(schedule, x, torch.randn(x.shape, generator=g), tt)
+        out[f"t={t}"] = (clf(x_t, tt).argmax(-1) == y).float().mean().item()
+    return out
 
 
 def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
@@ -87,7 +110,8 @@ def backend_for(cfg: Config, base: Path | None = None):
 def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
     """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress)
-    model.save(run.path("ctrl.safetensors"), {"resolution": cfg.data.resolution, "summary": summary["seconds"]})
+    model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
+                                              "summary": summary["seconds"]})
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
@@ -101,18 +125,62 @@ def real_features(cfg: Config, oracle: Classifier):
     return features(oracle, to_unit(ho.x))
 
 
-def run_evaluate(cfg: Config, run: Run, model: ControlledDenoiser, backend, progress: bool = True) -> dict:
-    """Evaluate CTRL and the base side by side against the oracles; writes metrics.json/.md and sample grids."""
+def run_cfg_finetune(cfg: Config, run: Run, backend, progress: bool = True) -> tuple[ControlledDenoiser, dict]:
+    """The CFG baseline's training: the augmented model on (x, c, y) triplets from the training digits."""
     controls = controls_of(cfg)
-    model.merge_lora()
+    d = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    y = {ctl.name: ctl.label(to_unit(d.x)) for ctl in controls}
+    model, summary = fit_cfg(backend, d.x, d.c, y, {c.name: c.num_classes for c in controls}, cfg.triplets,
+                             cfg.seed, log=run.log, progress=progress)
+    model.save(run.path("cfg.safetensors"), {"method": "cfg", "resolution": cfg.data.resolution, "summary": summary})
+    return model, summary
+
+
+def load_model(path: Path, backend, method: str) -> ControlledDenoiser:
+    """A fine-tuned augmented model (ctrl or cfg), LoRA merged for sampling; the checkpoint must match `method`."""
+    trained_by = read_meta(path).get("method", "ctrl")
+    if trained_by != method:
+        raise CtrlDiffError(f"{path} was trained by {trained_by!r}, not {method!r}; pass --method {trained_by}")
+    return ControlledDenoiser.load(path, backend).merge_lora()
+
+
+def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt: Path | None = None,
+               classifiers: Path | None = None) -> Method:
+    """Build a method with what it needs loaded from disk: a checkpoint (ctrl, cfg) or a `ctrldiff classifier`
+    folder (reward classifiers; noise-aware ones for `classifier`)."""
+    kw: dict = {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta}
+    if name in ("ctrl", "cfg"):
+        if ckpt is None:
+            raise CtrlDiffError(f"method {name!r} needs --ckpt (a checkpoint written by `ctrldiff finetune`)")
+        kw["model"] = load_model(ckpt, backend, name)
+        knobs = {"w": cfg.eval.guidance, **(knobs or {})} if name == "ctrl" else knobs
+    elif name != "base":
+        if classifiers is None:
+            raise CtrlDiffError(f"method {name!r} needs --classifiers (a `ctrldiff classifier` run folder)")
+        cls, prefix, key = ((NoisyClassifier, "noisy", "noisy") if name == "classifier"
+                            else (Classifier, "classifier", "classifiers"))
+        kw[key] = {}
+        for ctl in controls_of(cfg):
+            path = Path(classifiers) / f"{prefix}-{ctl.name}.safetensors"
+            if not path.exists():
+                raise CtrlDiffError(f"missing {path}; run `ctrldiff classifier` for {ctl.name} first")
+            kw[key][ctl.name] = cls.load(path, ctl.name)
+    return build_method(name, backend, knobs, **kw)
+
+
+def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True) -> dict:
+    """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids."""
+    controls = controls_of(cfg)
     oracle = digit_oracle(cfg.data.resolution)
     real = real_features(cfg, oracle)
+    if all(m.name != "base" for m in methods):
+        methods = [build_method("base", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta), *methods]
     results = {}
-    for method, den in [("base", backend.denoiser), ("ctrl", y_guidance(model, cfg.eval.guidance))]:
-        metrics, images, cond = evaluate(den, backend, controls, cfg, oracle, real, reference=backend.denoiser,
+    for method in methods:
+        metrics, images, cond = evaluate(method, backend, controls, cfg, oracle, real, reference=backend.denoiser,
                                          seed=cfg.seed, progress=progress)
-        results[method] = metrics
-        save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method}.png"))
+        results[method.name] = metrics
+        save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method.name}.png"))
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results
@@ -132,16 +200,23 @@ def grid_of(images: torch.Tensor, cond, controls: list[Control]):
     return torch.stack(picks), rows, NUM_DIGITS
 
 
+def _num(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def results_table(results: dict, controls: list[Control]) -> str:
     """A markdown table: one row per method."""
     cols = [f"{c.name} acc" for c in controls] + [f"{c.name} F1" for c in controls]
-    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL", "s/sample"]
+    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL",
+                                                            "net fwd/sample", "net bwd/sample", "s/sample"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, m in results.items():
         vals = [m[c.name]["accuracy"] for c in controls] + [m[c.name]["macro_f1"] for c in controls]
         vals += ([m["joint_accuracy"]] if len(controls) > 1 else [])
-        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", float("nan")), m["seconds_per_sample"]]
-        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}" for v in vals) + " |")
+        cost = m["cost_per_sample"]
+        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", float("nan")),
+                 cost.get("forward_denoiser", 0), cost.get("backward_denoiser", 0), m["seconds_per_sample"]]
+        lines.append(f"| {method} | " + " | ".join(_num(v) for v in vals) + " |")
     if len(controls) > 1:
         lines += ["", "Per-corner joint accuracy:", "", "| method | " + " | ".join(results["base"]["per_corner"]) + " |",
                   "|---" * (len(results["base"]["per_corner"]) + 1) + "|"]

@@ -1,7 +1,9 @@
-"""The one sampler: every method in ctrldiff (base model, CTRL, each baseline) is a rollout of `sample`."""
+"""The one sampler: the base model, CTRL, CFG and the gradient-guidance baselines are rollouts of `sample`;
+the particle baselines (SMC, SVDD, best-of-N; `ctrldiff.methods`) are thin loops over the same step maths."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +11,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .contracts import Cond, Denoiser
-from .schedule import Schedule, gaussian_kl, step_mean_std
+from .schedule import Schedule, gaussian_kl, predict_x0, step_mean_std
 
 TRUNCATE_CHOICES = "None (full), an int K (only the last K steps carry gradients) or 'random'"
 
@@ -44,6 +46,12 @@ class Trajectory:
         return torch.stack(terms).sum(0)
 
 
+def step_times(schedule: Schedule, steps: int) -> list[tuple[Tensor, Tensor]]:
+    """(t, t_prev) for each step of the chain; t_prev = -1 is the clean end (abar = 1)."""
+    ts = schedule.timesteps(steps)
+    return [(t, ts[i + 1] if i + 1 < steps else torch.tensor(-1)) for i, t in enumerate(ts)]
+
+
 def _detach_mask(steps: int, truncate, generator: torch.Generator | None) -> list[bool]:
     """Which steps' network outputs are detached from the graph.
 
@@ -75,6 +83,7 @@ def sample(
     truncate: int | str | None = None,
     checkpoint: bool = False,
     generator: torch.Generator | None = None,
+    x0_guide: Callable[[Tensor, Tensor, Cond], Tensor] | None = None,
 ) -> Trajectory:
     """Roll out the DDIM(eta) chain from x_T; returns the Trajectory.
 
@@ -85,19 +94,20 @@ def sample(
         with a graph through x_t (not through its frozen weights). Stopping that gradient would be cheaper but
         biased: d/dx_t ||mu_theta(x_t) - sg(mu_pre(x_t))||^2 is ~ 2 (mu_theta - mu_pre) d mu / dx_t, not ~ 0;
         on the seeded toy task of tests/test_control_rl.py the path KL then ran away to 6.8e4 nats (2.1 exact).
+    x0_guide: (x0_hat, t, cond) -> corrected x0_hat, used in the step instead of Tweedie's estimate (MPGD).
     """
     ts = schedule.timesteps(steps)
     detached = _detach_mask(steps, truncate, generator if grad else None)
     x = x_T
     traj = Trajectory([x], [], [], ts, [] if reference is not None else None, eta=eta)
-    for i, t in enumerate(ts):
-        tb = t.expand(x.shape[0])
-        t_prev = (ts[i + 1] if i + 1 < steps else torch.tensor(-1)).expand(x.shape[0])
+    for i, (t, t_prev) in enumerate(step_times(schedule, steps)):
+        tb, t_prev = t.expand(x.shape[0]), t_prev.expand(x.shape[0])
         no_graph = not grad or (isinstance(truncate, int) and i < steps - truncate)
         with torch.set_grad_enabled(not no_graph):
             use_ckpt = checkpoint and not no_graph and not detached[i]
             eps = _call(denoiser, x, tb, cond, use_ckpt, detached[i])
-            mean, std = step_mean_std(schedule, x, eps, tb, t_prev, eta)
+            x0 = None if x0_guide is None else x0_guide(predict_x0(schedule.abar(tb, x), x, eps), tb, cond)
+            mean, std = step_mean_std(schedule, x, eps, tb, t_prev, eta, x0)
             if reference is not None:  # same x_t, same graph: the KL's gradient through the state is exact
                 eps_ref = _call(reference, x, tb, cond, use_ckpt, detached[i])
                 traj.ref_means.append(step_mean_std(schedule, x, eps_ref, tb, t_prev, eta)[0])
@@ -123,9 +133,8 @@ def reference_means(traj: Trajectory, reference: Denoiser, schedule: Schedule, c
 
     Without a graph: the base's parameters are frozen, and the KL's gradient reaches theta through mu_theta.
     """
-    ts, n, out = traj.timesteps, traj.xs[0].shape[0], []
-    for i, t in enumerate(ts):
-        t_prev = (ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1)).expand(n)
-        x = traj.xs[i].detach()
-        out.append(step_mean_std(schedule, x, reference(x, t.expand(n), cond), t.expand(n), t_prev, traj.eta)[0])
+    n, out = traj.xs[0].shape[0], []
+    for i, (t, t_prev) in enumerate(step_times(schedule, len(traj.timesteps))):
+        x, t, t_prev = traj.xs[i].detach(), t.expand(n), t_prev.expand(n)
+        out.append(step_mean_std(schedule, x, reference(x, t, cond), t, t_prev, traj.eta)[0])
     return out

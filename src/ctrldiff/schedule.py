@@ -63,16 +63,17 @@ def predict_x0(abar_t: Tensor, x_t: Tensor, eps: Tensor) -> Tensor:
 
 
 def step_mean_std(
-    schedule: Schedule, x_t: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor, eta: float
+    schedule: Schedule, x_t: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor, eta: float, x0: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Mean and std of the DDIM transition x_t -> x_{t_prev} (Song et al. 2021, eq. 12).
 
     std = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev); eta = 0 is
-    deterministic DDIM, eta = 1 is DDPM's posterior variance.
+    deterministic DDIM, eta = 1 is DDPM's posterior variance. x0 replaces Tweedie's estimate where a method
+    corrects it (MPGD); the noise direction stays eps.
     """
     a_t, a_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    x0 = predict_x0(a_t, x_t, eps)
+    x0 = predict_x0(a_t, x_t, eps) if x0 is None else x0
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     return mean, std
 
