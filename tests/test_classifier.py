@@ -1,5 +1,7 @@
 """Step 1 of CTRL: the classifier p̂(y|x), its temperature calibration, ECE and checkpoints."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -124,3 +126,15 @@ def test_load_rejects_non_classifier_checkpoint(tmp_path):
     save_weights(path, SmallCNN(2).state_dict(), {"kind": "unet"})
     with pytest.raises(CtrlDiffError, match="not a classifier"):
         Classifier.load(path)
+
+
+def test_fit_temperature_survives_a_diverging_lbfgs():
+    """Weak logits on which L-BFGS (lr 0.1, no line search) ends at log T = nan; the reward must not become nan."""
+    g = torch.Generator().manual_seed(79)
+    y = torch.randint(0, 4, (200,), generator=g)
+    logits = 0.3 * torch.randn(200, 4, generator=g) + 0.3 * F.one_hot(y, 4) * torch.rand(200, 1, generator=g)
+    t = fit_temperature(logits, y)
+    assert math.isfinite(t) and 0.05 <= t <= 20
+    grid = torch.linspace(math.log(0.05), math.log(20), 50).exp()
+    best = min(F.cross_entropy(logits / g_, y).item() for g_ in grid)
+    assert F.cross_entropy(logits / t, y).item() <= best + 1e-4

@@ -7,6 +7,7 @@ as in the official code: the reward is log p̂(y|x), so its scale matters.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import torch
@@ -98,7 +99,11 @@ def fit_temperature(logits: Tensor, y: Tensor, bounds: tuple[float, float] = (0.
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(*bounds))
+    t = log_t.detach().exp()
+    if not torch.isfinite(t):  # L-BFGS can diverge on a badly fitted classifier: a grid in log T instead
+        grid = torch.linspace(math.log(bounds[0]), math.log(bounds[1]), 401).exp()
+        t = grid[torch.stack([F.cross_entropy(logits / g, y) for g in grid]).argmin()]
+    return float(t.clamp(*bounds))
 
 
 def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:

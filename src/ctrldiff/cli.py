@@ -1,4 +1,4 @@
-"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate."""
+"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate | bench."""
 
 from __future__ import annotations
 
@@ -209,6 +209,18 @@ def cmd_demo(args) -> None:
     print("\n" + "\n".join(tables))
 
 
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CtrlDiffError(f"run folder {out} already exists; pass --overwrite or choose another --out")
+    docs = args.docs or out / "docs"
+    results = run_bench("quick" if args.quick else "full", out, docs)
+    print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
+          f"(peak memory {results['peak_rss_gb']:.2f} GB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrldiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--c", type=int, help="fix the digit")
             p.add_argument("-n", type=int, default=16, help="samples when --y/--c fix the condition")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("bench", help="every method on compress4 and the 2x2 task, sample efficiency, the gamma "
+                                     "sweep, sample grids: benchmarks.md + figures")
+    p.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (minutes; numbers meaningless)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/bench or runs/bench-quick)")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="where benchmarks.md (section `bench`) and figures/ go (default <out>/docs; the "
+                        "repository's docs/ are written by `ctrldiff bench --docs docs`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")
     p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run in turn")

@@ -15,6 +15,7 @@ class DataConfig:
     resolution: int = 16  # 16 (default, like USPS) or 28 (MNIST's own)
     heldout: int = 1000  # digits kept out of every fit; the evaluation's real reference
     split_seed: int = 0  # the train / held-out split is fixed by this
+    pairs: int | None = None  # labelled training pairs per control (a subset drawn by `seed`); null = all 4,000
 
 
 @dataclass
@@ -173,7 +174,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if last == "truncate":
                 if not (value is None or value == "random" or (type(value) is int and value >= 0)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 0 or \"random\"")
-            elif last == "n":
+            elif last in ("n", "pairs"):
                 if not (value is None or (type(value) is int and value >= 1)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null (all) or an int n >= 1")
             elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,18 @@ def atomic_path(path: str | Path):
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_section(path: str | Path, key: str, text: str) -> None:
+    """Replace (or append) the section `key` of a markdown file, written by several producers, each owning
+    the text between its `<!-- section:key -->` markers."""
+    start, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    path = Path(path)
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
+    write_text(path, doc)
 
 
 def write_json(path: str | Path, obj) -> None:

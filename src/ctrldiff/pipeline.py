@@ -51,9 +51,15 @@ def fit_digit_oracle(cfg: Config, progress: bool = True) -> tuple[Classifier, di
 
 
 def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (x, y) for a control: the digits of a split, labelled by the control's labeller (pixels only)."""
+    """Pairs (x, y) for a control: the digits of a split, labelled by the control's labeller (pixels only);
+    `data.pairs` keeps a random subset of the training pairs (drawn by `seed`: the sample-efficiency study)."""
     d = load_digits(split, cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
-    return d.x, control.label(to_unit(d.x))
+    x = d.x
+    if split == "train" and cfg.data.pairs is not None:
+        if cfg.data.pairs > len(x):
+            raise CtrlDiffError(f"data.pairs={cfg.data.pairs}: only {len(x)} training pairs exist")
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.data.pairs]]
+    return x, control.label(to_unit(x))
 
 
 def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
