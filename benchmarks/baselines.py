@@ -15,75 +15,39 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import resource
 import sys
 import time
 from pathlib import Path
 
-from _doc import machine, write_section
+from _doc import write_section
 
 from ctrldiff import config as C
-from ctrldiff.evaluate import evaluate
-from ctrldiff.pipeline import (
-    backend_for,
-    controls_of,
-    digit_oracle,
-    fit_reward_terms,
-    method_for,
-    real_features,
-    run_cfg_finetune,
-    run_finetune,
-)
-from ctrldiff.runs import Run
+from ctrldiff.bench import GRID as BENCH_GRID
+from ctrldiff.bench import machine, measure, prepare, settings
+from ctrldiff.pipeline import backend_for, digit_oracle, real_features
 
 TUNE_PER_CLASS, TUNE_SEED = 32, 1
-GRID: dict[str, dict[str, list]] = {  # each method's knob grid (the rest at their defaults, ctrldiff.methods.KNOBS)
-    "ctrl": {"w": [1.0]},  # CTRL as shipped (no guidance on y)
-    "cfg": {"w": [1.0, 2.0, 4.0, 8.0]},
-    "dps": {"w": [0.1, 0.3, 1.0]},  # w = 3 already collapses (digit fidelity 0.14 in a first probe)
-    "classifier": {"w": [3.0, 10.0, 30.0]},
-    "mpgd": {"w": [0.3, 1.0, 3.0]},
-    "smc": {"particles": [4, 8], "w": [0.0, 1.0]},
-    "svdd": {"candidates": [4, 20], "alpha": [0.1, 0.3]},
-    "best_of_n": {"n": [4, 16, 64]},
-}
+GRID = {**{k: v for k, v in BENCH_GRID.items() if k != "base"}, "best_of_n": {"n": [4, 16, 64]}}
 
 
-def settings(method: str) -> list[dict]:
-    grid = GRID[method]
-    return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
-
-
-def prepare(cfg: C.Config, out: Path, reuse: bool) -> dict:
+def prepared(cfg: C.Config, out: Path, reuse: bool) -> dict:
     """Classifiers, the CTRL model and the CFG model (or those of a previous run with --reuse)."""
     paths = {"classifiers": out / "classifiers", "ctrl": out / "ctrl" / "ctrl.safetensors",
              "cfg": out / "cfg" / "cfg.safetensors"}
     if reuse and all(p.exists() for p in paths.values()):
         return {"paths": paths, "seconds": json.loads((out / "prepare.json").read_text())}
-    seconds, backend = {}, backend_for(cfg)
-    t0 = time.time()
-    terms, _ = fit_reward_terms(cfg, Run(paths["classifiers"], cfg, overwrite=True), noisy=True)
-    seconds["classifiers (reward, monitor, noise-aware)"] = time.time() - t0
-    t0 = time.time()
-    run_finetune(cfg, Run(paths["ctrl"].parent, cfg, overwrite=True), terms, backend)
-    seconds["CTRL fine-tuning"] = time.time() - t0
-    t0 = time.time()
-    run_cfg_finetune(cfg, Run(paths["cfg"].parent, cfg, overwrite=True), backend)
-    seconds["CFG on 4,000 triplets"] = time.time() - t0
+    seconds: dict = {}
+    paths = prepare(cfg, out, progress=True, seconds=seconds)
     (out / "prepare.json").write_text(json.dumps(seconds))
     return {"paths": paths, "seconds": seconds}
 
 
-def run_method(cfg, backend, paths, name, knobs, oracle, real, per_class, seed) -> dict:
+def run_method(cfg, env, paths, name, knobs, per_class, seed) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.eval.per_class = per_class
-    method = method_for(cfg, name, backend, knobs, paths.get(name) if name in ("ctrl", "cfg") else None,
-                        paths["classifiers"])
-    metrics, _, _ = evaluate(method, backend, controls_of(cfg), cfg, oracle, real, reference=backend.denoiser,
-                             seed=seed, progress=False)
-    return metrics
+    return measure(cfg, paths, name, knobs, env, seed)[0]
 
 
 def fmt(knobs: dict) -> str:
@@ -98,16 +62,16 @@ def main() -> None:
     t_start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = C.default()
-    prep = prepare(cfg, args.out, args.reuse)
+    prep = prepared(cfg, args.out, args.reuse)
     backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
-    real = real_features(cfg, oracle)
-    run_method(cfg, backend, prep["paths"], "base", {}, oracle, real, 4, TUNE_SEED)  # warm-up: first-call costs
+    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle)}
+    run_method(cfg, env, prep["paths"], "base", {}, 4, TUNE_SEED)  # warm-up: first-call costs
 
     tuning, best = [], {"base": {}}
-    for name in GRID:
+    for name, grid in GRID.items():
         rows = []
-        for knobs in settings(name):
-            m = run_method(cfg, backend, prep["paths"], name, knobs, oracle, real, TUNE_PER_CLASS, TUNE_SEED)
+        for knobs in settings(grid):
+            m = run_method(cfg, env, prep["paths"], name, knobs, TUNE_PER_CLASS, TUNE_SEED)
             rows.append((knobs, m))
             print(f"tune {name} {fmt(knobs)}: acc {m['compress4']['accuracy']:.3f}, "
                   f"{m['seconds_per_sample'] * 1000:.1f} ms/sample", file=sys.stderr, flush=True)
@@ -116,7 +80,7 @@ def main() -> None:
 
     final = {}
     for name, knobs in best.items():
-        final[name] = run_method(cfg, backend, prep["paths"], name, knobs, oracle, real, cfg.eval.per_class, cfg.seed)
+        final[name] = run_method(cfg, env, prep["paths"], name, knobs, cfg.eval.per_class, cfg.seed)
         print(f"final {name} {fmt(knobs)}: acc {final[name]['compress4']['accuracy']:.3f}", file=sys.stderr, flush=True)
     (args.out / "results.json").write_text(json.dumps({"tuning": tuning, "final": final}, indent=1))
     command = "python benchmarks/baselines.py " + " ".join(sys.argv[1:])

@@ -210,9 +210,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_bench
+    from .bench import rewrite_report, run_bench
 
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
+    if args.report_only:
+        rewrite_report(out, args.docs)
+        print(f"rewrote {(args.docs or out / 'docs') / 'benchmarks.md'} from {out / 'bench.json'}")
+        return
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CtrlDiffError(f"run folder {out} already exists; pass --overwrite or choose another --out")
     docs = args.docs or out / "docs"
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where benchmarks.md (section `bench`) and figures/ go (default <out>/docs; the "
                         "repository's docs/ are written by `ctrldiff bench --docs docs`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")

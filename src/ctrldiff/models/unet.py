@@ -1,8 +1,9 @@
 """A small class-conditional UNet for the embedded 16x16 / 28x28 digits.
 
-Hand-written rather than diffusers' UNet2DModel: at equal size (0.46 M parameters, channels (32, 64, 64), no
-attention) it trains ~2x faster on a 2-core CPU (0.13-0.22 s vs ~2x that per batch of 64 at 16 px,
-ENVIRONMENT.md), and CPU time is what bounds every experiment here. The only extension point CTRL needs is
+Hand-written rather than diffusers' UNet2DModel: at equal size (a 0.46 M-parameter probe of this design,
+channels (32, 64, 64), no attention) it trained ~2x faster on a 2-core CPU (0.13-0.22 s vs ~2x that per batch
+of 64 at 16 px, ENVIRONMENT.md), and CPU time is what bounds every experiment here. The shipped base, with its
+digit embedding, has 0.62 M parameters. The only extension point CTRL needs is
 `emb`, an extra vector added to the timestep embedding (METHOD.md §2, the augmented model).
 """
 
