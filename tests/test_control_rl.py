@@ -133,3 +133,29 @@ def test_merged_lora_samples_like_the_adapter(tiny_backend):
     before = model(x, t, cond)
     assert not torch.equal(before, tiny_backend.denoiser(x, t, cond))  # LoRA moved
     torch.testing.assert_close(model.merge_lora()(x, t, cond), before, atol=1e-5, rtol=1e-5)
+
+
+def test_final_step_by_the_base_changes_only_the_last_state(tiny_backend):
+    """`final=`: the deterministic last step (which the path KL cannot see) is taken by the frozen base."""
+    model = ControlledDenoiser(tiny_backend, {"a": 3}, lora_rank=0, final_step="base")
+    with torch.no_grad():
+        model.embeddings["a"].weight[:3] = torch.randn(3, tiny_backend.emb_dim)  # a visibly different policy
+    cond = Cond(torch.arange(4), {"a": torch.arange(4) % 3})
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(final):
+        with torch.no_grad():
+            return sample(model, tiny_backend.schedule, x_T, cond, steps=5, generator=torch.Generator().manual_seed(1),
+                          final=final)
+
+    own, frozen = run(None), run(model.final(tiny_backend))
+    for a, b in zip(own.xs[:-1], frozen.xs[:-1]):
+        assert torch.equal(a, b)
+    assert not torch.allclose(own.x0, frozen.x0)
+    t = own.timesteps[-1].expand(4)
+    eps = tiny_backend.denoiser(frozen.xs[-2], t, cond)
+    a = tiny_backend.schedule.abar(t, eps)
+    torch.testing.assert_close(frozen.x0, (frozen.xs[-2] - (1 - a).sqrt() * eps) / a.sqrt())  # the base's Tweedie
+    assert ControlledDenoiser(tiny_backend, {"a": 3}).final(tiny_backend) is None
+    with pytest.raises(CtrlDiffError, match="final_step"):
+        ControlledDenoiser(tiny_backend, {"a": 3}, final_step="nope")

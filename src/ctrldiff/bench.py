@@ -342,6 +342,10 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) and fine-tunes "
          f"by RL; CFG is the same augmented model trained by score matching on N triplets (x, c, y), sampled at its "
          f"tuned w = {results['efficiency']['cfg_w']:g}. Seed {size.seeds[0]}.\n"),
+        ("Caveat, read before the curve: the reward classifier trains for a fixed number of epochs, so its "
+         "optimiser steps shrink with N (" + ", ".join(f"{classifier_steps(size, n)} at N = {n}" for n in size.pairs)
+         + "), while CFG always takes its full number of steps. The small-N CTRL points therefore measure a barely "
+         "trained classifier, not CTRL's use of pairs; a minimum number of classifier steps is the fix.\n"),
         "| N | " + " | ".join(str(n) for n in size.pairs) + " |", "|---" * (len(size.pairs) + 1) + "|",
         "| CTRL | " + " | ".join(f"{results['efficiency']['ctrl'][n]:.3f}" for n in size.pairs) + " |",
         "| CFG | " + " | ".join(f"{results['efficiency']['cfg'][n]:.3f}" for n in size.pairs) + " |", "",
@@ -359,6 +363,12 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         paper_section(results),
     ]
     return "\n".join(lines)
+
+
+def classifier_steps(size: BenchSize, n: int) -> int:
+    """Optimiser steps of `fit_classifier` on n pairs (the share held back for calibration excluded)."""
+    cc = C.preset(size.preset).classifier
+    return cc.epochs * max(1, (n - max(1, int(cc.val_frac * n))) // cc.batch)
 
 
 def paper_section(results: dict) -> str:

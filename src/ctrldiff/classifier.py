@@ -50,14 +50,20 @@ class Classifier(nn.Module):
 
     @classmethod
     def load(cls, path, name: str | None = None) -> Classifier:
-        state, meta = load_weights(path)
-        if meta.get("kind") != "classifier":
-            raise CtrlDiffError(f"{path} is not a classifier checkpoint (kind={meta.get('kind')!r})")
-        if name is not None and meta.get("name") != name:
-            raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+        state, meta = _checked(path, "classifier", "a classifier checkpoint", name)
         clf = cls(SmallCNN(**meta["model"]), meta.get("name", ""))
         load_state(clf, state, path)
         return clf.eval().requires_grad_(False)
+
+
+def _checked(path, kind: str, what: str, name: str | None) -> tuple[dict, dict]:
+    """A classifier file's tensors and metadata, after checking its kind and (if given) its control's name."""
+    state, meta = load_weights(path)
+    if meta.get("kind") != kind:
+        raise CtrlDiffError(f"{path} is not {what} (kind={meta.get('kind')!r})")
+    if name is not None and meta.get("name") != name:
+        raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+    return state, meta
 
 
 def expected_calibration_error(logits: Tensor, y: Tensor, bins: int = 15) -> float:
@@ -187,11 +193,7 @@ class NoisyClassifier(nn.Module):
 
     @classmethod
     def load(cls, path, name: str | None = None) -> NoisyClassifier:
-        state, meta = load_weights(path)
-        if meta.get("kind") != "noisy_classifier":
-            raise CtrlDiffError(f"{path} is not a noise-aware classifier (kind={meta.get('kind')!r})")
-        if name is not None and meta.get("name") != name:
-            raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+        state, meta = _checked(path, "noisy_classifier", "a noise-aware classifier", name)
         clf = cls(SmallCNN(**meta["model"]), meta["num_train_timesteps"], meta.get("name", ""))
         load_state(clf, state, path)
         return clf.eval().requires_grad_(False)

@@ -58,6 +58,9 @@ class RLConfig:
     truncate: int | str | None = "random"  # None (full), last-K steps (int) or "random" (official scheme)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier
+    kl: str = "sum"  # "sum" over dimensions (gamma is the exponent); "mean" = the official code's (gamma * d)
+    final_step: str = "model"  # who takes the last, deterministic step: "base" closes a KL-free hack that the
+    # 2-D study measured (docs/exactness.md); "model" until the image benchmarks are re-run with "base"
 
 
 @dataclass
@@ -171,6 +174,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             old = getattr(obj, last)
             if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if last == "final_step" and value not in ("model", "base"):
+                raise CtrlDiffError(f"{key}={raw!r}; choose \"model\" or \"base\"")
+            if last == "kl" and value not in ("sum", "mean"):
+                raise CtrlDiffError(f"{key}={raw!r}; choose \"sum\" or \"mean\"")
             if last == "truncate":
                 if not (value is None or value == "random" or (type(value) is int and value >= 0)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 0 or \"random\"")

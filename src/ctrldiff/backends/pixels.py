@@ -51,6 +51,11 @@ class PixelBackend:
         """Latents -> images in [0, 1] (here: the clamp every saved image undergoes)."""
         return to_unit(x)
 
+    def classifier_input(self, x0: Tensor) -> Tensor:
+        """What every classifier reads: the decoded image in [-1, 1], clamped like every saved image (so a
+        reward cannot come from out-of-range pixels that evaluation clips away; ENVIRONMENT.md)."""
+        return self.decode(x0) * 2 - 1
+
 
 def asset_path(name: str) -> Path:
     return Path(str(resources.files("ctrldiff") / "assets" / name))

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..contracts import Cond, Denoiser
 from ..io import CtrlDiffError, load_weights, save_weights
 
-LORA_TARGETS = ["conv1", "conv2", "emb_proj"]  # the ResBlocks' convolutions and embedding projections
+LORA_TARGETS = ["conv1", "conv2", "emb_proj"]
+FINAL_STEPS = ("model", "base")  # who takes the last, deterministic step (see `sampling.sample`'s `final`)  # the ResBlocks' convolutions and embedding projections
 
 
 def _zero_null_row(grad: Tensor) -> Tensor:
@@ -28,12 +29,15 @@ def _zero_null_row(grad: Tensor) -> Tensor:
 class ControlledDenoiser(nn.Module):
     """The augmented model as a Denoiser: `model(x_t, t, Cond(c, {name: y}))`; a missing control means null."""
 
-    def __init__(self, backend, controls: dict[str, int], lora_rank: int = 4, lora_targets=None):
+    def __init__(self, backend, controls: dict[str, int], lora_rank: int = 4, lora_targets=None,
+                 final_step: str = "model"):
         super().__init__()
-        self.backend = backend
+        if final_step not in FINAL_STEPS:
+            raise CtrlDiffError(f"final_step={final_step!r}; choose from {FINAL_STEPS}")
+        self.backend, self.final_step = backend, final_step
         self.controls = dict(controls)
         self.lora_rank = lora_rank
-        self.lora_targets = list(lora_targets or LORA_TARGETS)
+        self.lora_targets = list(lora_targets or getattr(backend, "lora_targets", LORA_TARGETS))
         net = copy.deepcopy(backend.net).requires_grad_(False)  # the backend keeps the untouched reference
         if lora_rank > 0:
             cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=self.lora_targets,
@@ -58,6 +62,11 @@ class ControlledDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y))
+
+    def final(self, backend) -> Denoiser | None:
+        """The denoiser of the chain's last, deterministic step: the frozen base if `final_step == "base"`
+        (the step the path KL cannot regularise; `sampling.sample`'s `final`), else this model (None)."""
+        return backend.denoiser if self.final_step == "base" else None
 
     def merge_lora(self) -> ControlledDenoiser:
         """Fold LoRA into the frozen weights (peft's `merge`) for sampling: same outputs up to float rounding,
@@ -84,7 +93,7 @@ class ControlledDenoiser(nn.Module):
 
     def meta(self) -> dict:
         return {"kind": "ctrl", "controls": self.controls, "lora_rank": self.lora_rank,
-                "lora_targets": self.lora_targets}
+                "lora_targets": self.lora_targets, "final_step": self.final_step}
 
     def save(self, path, extra: dict | None = None) -> None:
         save_weights(path, self.adapter_state(), {**self.meta(), **(extra or {})})
@@ -95,7 +104,8 @@ class ControlledDenoiser(nn.Module):
         state, meta = load_weights(path)
         if meta.get("kind") != "ctrl":
             raise CtrlDiffError(f"{path} is not a CTRL checkpoint (kind={meta.get('kind')!r})")
-        model = cls(backend, meta["controls"], meta["lora_rank"], meta["lora_targets"])
+        model = cls(backend, meta["controls"], meta["lora_rank"], meta["lora_targets"],
+                    meta.get("final_step", "model"))
         expected = model.adapter_state()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
             raise CtrlDiffError(f"checkpoint {path} does not match the base model it is loaded on")

@@ -92,10 +92,11 @@ def build_method(name: str, backend, knobs: dict | None = None, *, steps: int = 
     if not {"base": backend, "ctrl": model, "cfg": model, "classifier": noisy}.get(name, classifiers):
         raise CtrlDiffError(f"method {name!r} needs {NEEDS.get(name, 'reward classifiers (--classifiers)')}")
 
-    def chain(denoiser, x0_guide=None):
+    def chain(denoiser, x0_guide=None, final=None):
         def draw(cond: Cond, g: torch.Generator):
             x_T = torch.randn((len(cond), *backend.shape), generator=g)
-            traj = sample(denoiser, sch, x_T, cond, steps=steps, eta=eta, generator=g, x0_guide=x0_guide)
+            traj = sample(denoiser, sch, x_T, cond, steps=steps, eta=eta, generator=g, x0_guide=x0_guide,
+                          final=final)
             return traj.x0, traj
         return draw
 
@@ -105,7 +106,8 @@ def build_method(name: str, backend, knobs: dict | None = None, *, steps: int = 
     if name == "base":
         return Method(name, k, chain(base), nets)
     if name in ("ctrl", "cfg"):
-        return Method(name, k, chain(y_guidance(model, k["w"])), [("denoiser", model.net)])
+        nets = [("denoiser", model.net)] + ([("denoiser", backend.net)] if model.final_step == "base" else [])
+        return Method(name, k, chain(y_guidance(model, k["w"]), final=model.final(backend)), nets)
     if name == "classifier":
         nets += [("classifier", c) for c in noisy.values()]
         return Method(name, k, chain(classifier_guidance(base, sch, noisy, k["w"])), nets)

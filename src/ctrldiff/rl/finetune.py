@@ -46,9 +46,8 @@ def balanced_conditions(n: int, num_c: int, controls: dict[str, int]) -> Cond:
 
 
 def reward_input(backend, x0: torch.Tensor) -> torch.Tensor:
-    """What the classifiers see: the decoded image in [-1, 1], clamped like every saved image (so the reward
-    cannot come from out-of-range pixels that evaluation clips away; ENVIRONMENT.md)."""
-    return backend.decode(x0) * 2 - 1
+    """What the classifiers see (the backend decides: a clamped image in [-1, 1], or the point itself in 2-D)."""
+    return backend.classifier_input(x0)
 
 
 @torch.no_grad()
@@ -57,7 +56,8 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
     cond = balanced_conditions(n, backend.num_c, model.controls)
     g = torch.Generator().manual_seed(12345)
     x_T = torch.randn((n, *backend.shape), generator=g)
-    x0 = sample(model, backend.schedule, x_T, cond, steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g).x0
+    x0 = sample(model, backend.schedule, x_T, cond, steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g,
+                final=model.final(backend)).x0
     x, images = reward_input(backend, x0), backend.decode(x0)
     out = {}
     for t in terms:
@@ -70,8 +70,11 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
     return out
 
 
-def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True):
-    """Fine-tune a fresh augmented model by CTRL; returns (model, summary)."""
+def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None):
+    """Fine-tune a fresh augmented model by CTRL; returns (model, summary).
+
+    start: (cond, generator) -> x_T, the start distribution (default N(0, I)); a start tilted by the value
+    function removes the start-distribution bias (METHOD.md §4, docs/exactness.md)."""
     rc, sc = cfg.rl, cfg.sampler
     if sc.eta <= 0:
         raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta > 0)")
@@ -79,7 +82,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     torch.manual_seed(cfg.seed)
     controls = {t.control.name: t.control.num_classes for t in terms}
     gammas = {t.control.name: t.gamma for t in terms}
-    model = ControlledDenoiser(backend, controls, rc.lora_rank)
+    model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step)
     groups = [{"params": model.embedding_parameters(), "lr": rc.lr_emb}]
     if rc.lora_rank > 0:
         groups.append({"params": model.lora_parameters(), "lr": rc.lr_lora})
@@ -90,13 +93,13 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     for step in bar:
         # --- roll out the augmented model with gradients; (c, y) fresh per sample
         cond = draw_conditions(rc.batch, backend.num_c, controls, g)
-        x_T = torch.randn((rc.batch, *backend.shape), generator=g)
+        x_T = torch.randn((rc.batch, *backend.shape), generator=g) if start is None else start(cond, g)
         traj = sample(model, backend.schedule, x_T, cond, steps=sc.steps, eta=sc.eta, reference=backend.denoiser,
-                      grad=True, truncate=rc.truncate, checkpoint=rc.checkpoint, generator=g)
+                      grad=True, truncate=rc.truncate, checkpoint=rc.checkpoint, generator=g, final=model.final(backend))
         # --- reward: gamma_k log p̂_k(y_k | x_0) from each calibrated classifier; minus the path KL
         x = reward_input(backend, traj.x0)
         log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
-        loss, stats = ctrl_objective(traj, log_probs, gammas)
+        loss, stats = ctrl_objective(traj, log_probs, gammas, rc.kl)
         # --- update the new parameters only
         opt.zero_grad(set_to_none=True)
         loss.backward()
