@@ -295,6 +295,24 @@ def test_smc_returns_one_particle_per_request(tiny_backend, ess):
         assert any(torch.equal(one[i], p) for p in every[i * k:(i + 1) * k])
 
 
+def test_smc_weights_start_from_the_twist_at_x_T(tiny_backend):
+    """One step (t = 999 -> x_0, deterministic): x_0 is x0_hat(x_T), so the whole weight is the initial twist
+    p̂(y | x0_hat(x_T))^gamma. The particle returned must be (almost always) its request's likeliest; without
+    the initial twist every weight is equal and the pick is uniform."""
+    classifiers, _ = _classifiers()
+    lik, cond, k = Likelihood(tiny_backend, classifiers), _cond(64), 8
+
+    def run(**kw):
+        return smc(tiny_backend.denoiser, tiny_backend.schedule, lik, cond, tiny_backend.shape,
+                   torch.Generator().manual_seed(3), steps=1, eta=1.0, particles=k, gamma=1e4, w=0.0, ess=0.0, **kw)
+
+    with torch.no_grad():
+        one, every = run(), run(return_all=True)
+        ll = lik(every, cond.index(torch.arange(64).repeat_interleave(k))).view(64, k)
+    best = every.view(64, k, *every.shape[1:])[torch.arange(64), ll.argmax(1)]
+    assert (one == best).flatten(1).all(1).float().mean() > 0.9
+
+
 def test_smc_resampling_keeps_shapes_and_stays_within_requests():
     b, k = 3, 4
     x = torch.arange(b * k, dtype=torch.float32).view(b * k, 1, 1, 1).expand(b * k, 1, 2, 2).clone()
