@@ -93,7 +93,7 @@ def report(cfg, prep, tuning, final, command, wall) -> str:
     lines = [
         "# Baselines: every method on compress4, same base, classifiers and sampler\n",
         (f"Produced by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}; total wall time {wall:.0f} s, "
-         f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB.\n"),
+         f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB.\n"),
         ("Setup: the shipped base, DDIM 20 steps η 1; reward classifier p̂(y|x) and the noise-aware p̂(y|x_t,t) "
          "fitted on the same 4,000 training pairs; CTRL with the default preset; CFG is the same augmented model "
          "(zero-init y-embedding + LoRA rank 4) trained by denoising score matching on the 4,000 triplets (x, c, y), "

@@ -105,7 +105,7 @@ def targets(base: dict, tasks: dict) -> list[str]:
                  ("2×2 thick yet compressible corner", "≥ 0.80", c["per_corner"]["thickness2=1,compress2=0"]),
                  ("2×2 digit fidelity / base", "≥ 0.97", c["digit_fidelity"] / b["digit_fidelity"]),
                  ("2×2 feature-FID / base", "≤ 1.25", c["feature_fid"] / b["feature_fid"])]
-    rows.append(("peak memory, GB (largest task)", "≤ 4", max(t["peak_rss_gb"] for t in tasks.values())))
+    rows.append(("peak memory, GiB (largest task)", "≤ 4", max(t["peak_rss_gb"] for t in tasks.values())))
     lines = ["\n## Issue 2's targets against this run\n", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for name, want, got in rows:
         op, bound = want.split()
@@ -159,7 +159,7 @@ def main() -> None:
                 ("Classifiers (reward classifier fitted on the 4,000 training pairs, 20% held back for the "
                  "temperature; reported on the 1,000 held-out pairs):\n"), classifier_table(t["classifiers"]) + "\n",
                 (f"Time: classifiers {t['classifier_seconds']:.0f} s, CTRL fine-tuning {t['finetune_seconds']:.0f} s; "
-                 f"peak memory of the task's process {t['peak_rss_gb']:.2f} GB; sampling cost CTRL / base = "
+                 f"peak memory of the task's process {t['peak_rss_gb']:.2f} GiB; sampling cost CTRL / base = "
                  f"{t['results']['ctrl']['seconds_per_sample'] / t['results']['base']['seconds_per_sample']:.2f}.\n"),
                 t["table"]]
     doc += targets(base, {t["preset"]: t for t in tasks})

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrldiff.backends.mixture import MIXTURES, Grid, mixture_backend
+from ctrldiff.backends.mixture import MIXTURES, Grid, mixture_backend, sample_data
 from ctrldiff.bench import machine
 from ctrldiff.exactness import (
     CONTROL,
@@ -128,7 +128,7 @@ def learned_case(n: int, rl_steps: int, steps: int, g: torch.Generator, log, pre
     t0 = time.time()
     for _ in range(pretrain_steps):
         c = torch.randint(0, len(MIXTURES), (512,), generator=g)
-        x0 = _mixture_batch(c, g)
+        x0 = sample_data(c, g)
         loss = dsm_loss(lambda x, t, cond: net(x, t, cond.c), backend.schedule, x0, Cond(c), g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,14 +142,6 @@ def learned_case(n: int, rl_steps: int, steps: int, g: torch.Generator, log, pre
                       for c, y in setup.conditions()])
     log(f"learned: base {base} ctrl {ctrl}")
     return {"pretrain_seconds": time.time() - t0, "base": base, "ctrl": ctrl}
-
-
-def _mixture_batch(c: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    out = torch.empty((len(c), 2))
-    for k, mix in enumerate(MIXTURES):
-        m = c == k
-        out[m] = mix.sample(int(m.sum()), g)
-    return out
 
 
 def figure(setup, samples: dict, path: Path) -> None:

@@ -329,7 +329,7 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
     lines = [
         "# The paper's evaluation at our scale (`ctrldiff bench`)\n",
         (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; wall time "
-         f"{results['seconds'] / 60:.1f} min, peak memory {results['peak_rss_gb']:.2f} GB. Size `{size_name}`: "
+         f"{results['seconds'] / 60:.1f} min, peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
          f"preset `{size.preset}`, seeds {size.seeds} for compress4 and {size.multi_seeds} for the 2×2 task (a seed "
          f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each method's setting is its best accuracy over the "
          f"grid below, searched once on seed {size.seeds[0]}'s models with sampling seed {TUNE_SEED} at "

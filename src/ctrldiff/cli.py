@@ -222,7 +222,7 @@ def cmd_bench(args) -> None:
     docs = args.docs or out / "docs"
     results = run_bench("quick" if args.quick else "full", out, docs)
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
-          f"(peak memory {results['peak_rss_gb']:.2f} GB)")
+          f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:

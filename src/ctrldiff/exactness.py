@@ -69,6 +69,10 @@ def train_ctrl(setup: Setup, cfg: Config, start=None, progress: bool = False):
     return model, records
 
 
+def requests(n: int, c: int, y: int) -> Cond:
+    return Cond(torch.full((n,), c), {CONTROL.name: torch.full((n,), y)})
+
+
 @torch.no_grad()
 def base_rollouts(setup: Setup, c: int, n: int, eta: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """(x_T, x_0) pairs from the pre-trained chain for digit-less condition c."""
@@ -108,7 +112,7 @@ def ctrl_samples(setup: Setup, model, c: int, y: int, n: int, eta: float, g: tor
     out = []
     for i in range(0, n, batch):
         m = min(batch, n - i)
-        cond = Cond(torch.full((m,), c), {CONTROL.name: torch.full((m,), y)})
+        cond = requests(m, c, y)
         x_T = torch.randn((m, 2), generator=g) if start is None else start(cond, g)
         out.append(sample(model, setup.backend.schedule, x_T, cond, steps=setup.steps, eta=eta, generator=g,
                           final=model.final(setup.backend)).x0)
@@ -122,7 +126,7 @@ def smc_samples(setup: Setup, c: int, y: int, n: int, eta: float, gamma: float, 
     out, per = [], max(1, batch // particles)
     for i in range(0, n, per):
         m = min(per, n - i)
-        cond = Cond(torch.full((m,), c), {CONTROL.name: torch.full((m,), y)})
+        cond = requests(m, c, y)
         out.append(smc(setup.backend.denoiser, setup.backend.schedule, lik, cond, (2,), g, steps=setup.steps,
                        eta=eta, particles=particles, gamma=gamma, w=gamma, ess=0.5).detach())
     return torch.cat(out)

@@ -68,6 +68,7 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
     monitor classifier from the disjoint held-out pairs (to catch reward hacking). noisy: also the
     noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs."""
     terms, reports = [], {}
+    schedule = backend_for(cfg).schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
     for ctl in controls_of(cfg):
         x, y = pairs_for(ctl, "train", cfg)
         x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
@@ -78,7 +79,6 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
         terms.append(RewardTerm(ctl, clf, cfg.rl.controls[ctl.name], mon))
         reports[ctl.name] = rep
         if noisy:
-            schedule = backend_for(cfg).schedule
             nclf = fit_noisy_classifier(x, y, ctl.num_classes, cfg.classifier, schedule, cfg.seed, ctl.name, progress)
             rep["noise_aware_heldout_accuracy"] = noisy_accuracy(nclf, x_ho, y_ho, schedule, cfg.seed)
             if run is not None:

@@ -64,6 +64,15 @@ def grid(side: int = 3, spacing: float = 1.5, std: float = 0.25) -> Mixture:
 MIXTURES = [ring(), grid()]  # c = 0: a ring of 8 modes; c = 1: a 3x3 grid
 
 
+def sample_data(c: Tensor, g: torch.Generator) -> Tensor:
+    """x_0 ~ p_pre(x | c) for each entry of c: the training data of a learned denoiser."""
+    out = torch.empty((len(c), 2))
+    for k, mix in enumerate(MIXTURES):
+        m = c == k
+        out[m] = mix.sample(int(m.sum()), g)
+    return out
+
+
 class MixtureNet(nn.Module):
     """eps(x_t, t, c, emb) = [exact mixture eps] + MLP(x_t, time/c embedding + emb)."""
 
