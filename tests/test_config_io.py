@@ -40,7 +40,7 @@ def test_override_sets_value_without_mutating():
     assert out.rl.truncate is None and cfg.rl.truncate == RLConfig().truncate == "random"
     assert out.seed == 3 and cfg.seed == 0
     assert apply_overrides(cfg, ["rl.truncate=2"]).rl.truncate == 2
-    assert apply_overrides(cfg, ["pretrain.channels=[4, 8]"]).pretrain.channels == [4, 8]
+    assert apply_overrides(cfg, ["pretrain.channels=[8, 16]"]).pretrain.channels == [8, 16]
     assert cfg == Config()
 
 

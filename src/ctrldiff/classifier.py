@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .checkpoint import Checkpointer, check_finite, grad_norm
 from .config import ClassifierConfig
 from .io import CtrlDiffError, load_state, load_weights, save_weights
 from .models import SmallCNN
@@ -123,26 +124,40 @@ def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:
 
 
 def fit_net(net: nn.Module, x: Tensor, y: Tensor, cfg: ClassifierConfig, g: torch.Generator, inputs,
-            name: str = "", log=None, progress: bool = True) -> None:
-    """Maximum likelihood with AdamW and a one-cycle schedule; `inputs(x_batch)` builds what the net sees."""
+            name: str = "", log=None, progress: bool = True, ckpt: Checkpointer | None = None) -> None:
+    """Maximum likelihood with AdamW and a one-cycle schedule; `inputs(x_batch)` builds what the net sees.
+    ckpt: resume from / save to (the epoch's shuffle is saved with it, so a resume mid-epoch is exact)."""
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(x) // cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    for epoch in tqdm(range(cfg.epochs), desc=f"classifier {name}", disable=not progress, dynamic_ncols=True):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(steps_per_epoch):
-            b = order[i * cfg.batch:(i + 1) * cfg.batch]
-            loss = F.cross_entropy(net(inputs(x[b])), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if log is not None:
-            log({"classifier": name, "epoch": epoch, "loss": loss.item()})
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total)
+    ckpt = ckpt or Checkpointer(None, {}, cfg.checkpoint_every)
+    start, extra = ckpt.start(total, {"net": net, "opt": opt, "sched": sched}, {"g": g})
+    order, loss = extra.get("order"), extra.get("loss")
+    bar = tqdm(total=cfg.epochs, initial=start // steps_per_epoch, desc=f"classifier {name}",
+               disable=not progress, dynamic_ncols=True)
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0:
+            order = torch.randperm(len(x), generator=g)
+        b = order[i * cfg.batch:(i + 1) * cfg.batch]
+        loss = F.cross_entropy(net(inputs(x[b])), y[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite(step, loss.item(), grad_norm(net.parameters()), ckpt)
+        opt.step()
+        sched.step()
+        if i == steps_per_epoch - 1:
+            bar.update()
+            if log is not None:
+                log({"classifier": name, "epoch": epoch, "loss": loss.item()})
+        ckpt.step(step + 1, {"order": order, "loss": loss.detach()})
+    bar.close()
 
 
 def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig, seed: int = 0,
-                   name: str = "", log=None, progress: bool = True) -> tuple[Classifier, dict]:
+                   name: str = "", log=None, progress: bool = True,
+                   ckpt: Checkpointer | None = None) -> tuple[Classifier, dict]:
     """Fit p̂(y|x) on pairs (x in [-1, 1], y in 0..K-1), calibrate T on a held-back fraction; returns it + a report."""
     if len(x) != len(y):
         raise CtrlDiffError(f"{len(x)} images but {len(y)} labels")
@@ -158,7 +173,8 @@ def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig
     val, tr = perm[:n_val], perm[n_val:]
     clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1]), name)
     t0 = time.time()
-    fit_net(clf.net, x[tr], y[tr], cfg, g, lambda xb: augment(xb, cfg.noise, cfg.shift, g), name, log, progress)
+    fit_net(clf.net, x[tr], y[tr], cfg, g, lambda xb: augment(xb, cfg.noise, cfg.shift, g), name, log, progress,
+            ckpt)
     # --- calibration: one temperature on the held-back pairs
     clf.eval()
     with torch.no_grad():
@@ -200,7 +216,8 @@ class NoisyClassifier(nn.Module):
 
 
 def fit_noisy_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig, schedule: Schedule,
-                         seed: int = 0, name: str = "", progress: bool = True) -> NoisyClassifier:
+                         seed: int = 0, name: str = "", progress: bool = True,
+                         ckpt: Checkpointer | None = None) -> NoisyClassifier:
     """Fit p̂(y | x_t, t) on the same pairs as p̂(y|x), each batch noised by q(x_t | x_0) at t ~ U{0..T-1}."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -211,5 +228,5 @@ def fit_noisy_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: Classifier
         x0 = augment(xb, 0.0, cfg.shift, g)
         return clf.inputs(add_noise(schedule, x0, torch.randn(x0.shape, generator=g), t), t)
 
-    fit_net(clf.net, x, y, cfg, g, noised, f"{name} (noise-aware)", progress=progress)
+    fit_net(clf.net, x, y, cfg, g, noised, f"{name} (noise-aware)", progress=progress, ckpt=ckpt)
     return clf.eval().requires_grad_(False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 
 class CtrlDiffError(Exception):
@@ -27,10 +27,10 @@ def atomic_path(path: str | Path):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared results unreadable
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~umask)  # after writing (a writer may recreate the file): mkstemp's 0600 would
+        os.replace(tmp, path)  # make shared results unreadable
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -84,17 +84,23 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """One read of the whole file, then parsed: safetensors' own `safe_open` opens the path twice (header,
+    then mapping), so a reader racing an atomic rename could pair one file's header with another's size."""
     path = Path(path)
     if not path.is_file():
         raise CtrlDiffError(f"missing checkpoint {path}")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ctrldiff", "{}"))
-        return (load_file(str(path)) if tensors else {}), meta
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise CtrlDiffError(f"corrupt checkpoint {path}: {e}") from None
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or 8 + n > len(data):
+            raise ValueError(f"{len(data)} bytes, truncated")
+        header = json.loads(data[8:8 + n])
+        meta = json.loads((header.get("__metadata__") or {}).get("ctrldiff", "{}"))
+        if not isinstance(meta, dict):
+            raise TypeError("its ctrldiff metadata is not a JSON object")
+        return (load(data) if tensors else {}), meta
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise CtrlDiffError(f"corrupt checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
+import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .checkpoint import Checkpointer, check_finite, grad_norm
 from .config import Config
 from .contracts import Cond, Denoiser
 from .models import SmallUNet
@@ -29,8 +30,8 @@ def drop_labels(labels: Tensor, null: int, p: float, generator: torch.Generator)
     return torch.where(drop, torch.full_like(labels, null), labels)
 
 
-def pretrain(cfg: Config, log=None) -> tuple[SmallUNet, dict]:
-    """Train the class-conditional base; returns the EMA network and a summary."""
+def pretrain(cfg: Config, log=None, ckpt: Checkpointer | None = None) -> tuple[SmallUNet, dict]:
+    """Train the class-conditional base; returns the EMA network and a summary. ckpt: resume from / save to."""
     pc = cfg.pretrain
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -40,8 +41,10 @@ def pretrain(cfg: Config, log=None) -> tuple[SmallUNet, dict]:
     ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(pc.ema))
     opt = torch.optim.AdamW(net.parameters(), lr=pc.lr, weight_decay=0.0)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / pc.warmup))
-    t0 = time.time()
-    bar = tqdm(range(pc.steps), desc="pretrain", dynamic_ncols=True)
+    ckpt = ckpt or Checkpointer(None, {}, pc.checkpoint_every)
+    start, extra = ckpt.start(pc.steps, {"net": net, "ema": ema, "opt": opt, "warm": warm}, {"g": g})
+    loss = extra.get("loss", torch.full((), math.nan))
+    bar = tqdm(range(start, pc.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=pc.steps)
     for step in bar:
         # --- one batch of denoising score matching, digit dropped to null at p_uncond
         idx = torch.randint(0, len(data), (pc.batch,), generator=g)
@@ -49,6 +52,7 @@ def pretrain(cfg: Config, log=None) -> tuple[SmallUNet, dict]:
         loss = dsm_loss(lambda x, t, cond: net(x, t, cond.c), schedule, data.x[idx], Cond(c), g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        check_finite(step, loss.item(), grad_norm(net.parameters()), ckpt)
         opt.step()
         warm.step()
         ema.update_parameters(net)
@@ -56,5 +60,6 @@ def pretrain(cfg: Config, log=None) -> tuple[SmallUNet, dict]:
         if step % 50 == 0 or step == pc.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if log is not None:
-                log({"step": step, "loss": loss.item(), "seconds": time.time() - t0})
-    return ema.module, {"steps": pc.steps, "seconds": time.time() - t0, "final_loss": loss.item()}
+                log({"step": step, "loss": loss.item(), "seconds": ckpt.seconds()})
+        ckpt.step(step + 1, {"loss": loss.detach()})
+    return ema.module, {"steps": pc.steps, "seconds": ckpt.seconds(), "final_loss": loss.item()}
