@@ -11,34 +11,73 @@ from .io import CtrlDiffError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="default", help=f"named settings: {', '.join(sorted(C.PRESETS))}")
+    p.add_argument("--preset", default=None, help=f"named settings: {', '.join(sorted(C.PRESETS))} (default: default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, JSON value, repeatable (e.g. --set rl.steps=100)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<command>-<preset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
 
+def _sd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, metavar="PATH",
+                   help="a local diffusers Stable Diffusion folder: use the SD backend (docs/sd.md; default "
+                        "preset sd_compress4); sets sd.model")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="SD prompts, one per line (default: 45 animals)")
+
+
+def _sd_overrides(args) -> list[str]:
+    """--model / --prompts as config overrides (JSON strings, so any path stays a string)."""
+    import json
+
+    pairs = [("sd.model", getattr(args, "model", None)), ("sd.prompts", getattr(args, "prompts", None))]
+    return [f"{k}={json.dumps(str(v))}" for k, v in pairs if v is not None]
+
+
+def _resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint (same --preset/--set, or none)")
+
+
 def _cfg(args) -> C.Config:
-    return C.apply_overrides(C.preset(args.preset), args.overrides)
+    resume = getattr(args, "resume", None)
+    if resume is not None and args.preset is None and not args.overrides:  # the run's own settings
+        from .io import read_json
+
+        return C.from_dict(read_json(resume / "config.json"))
+    default = "sd_compress4" if getattr(args, "model", None) is not None else "default"
+    cfg = C.apply_overrides(C.preset(args.preset or default), [*args.overrides, *_sd_overrides(args)])
+    if cfg.name.startswith("sd_") and cfg.sd.model is None:
+        raise CtrlDiffError(f"preset {cfg.name!r} is for Stable Diffusion: pass --model PATH (a local diffusers folder)")
+    return cfg
 
 
 def _out(args, command: str) -> Path:
-    return args.out or Path("runs") / f"{command}-{args.preset}"
+    return args.out or Path("runs") / f"{command}-{args.preset or 'default'}"
+
+
+def _run(args, command: str, cfg: C.Config):
+    """The run folder: a new one, or with --resume the interrupted one (its checkpoints say where to go on)."""
+    from .runs import Run
+
+    if getattr(args, "resume", None) is None:
+        return Run(_out(args, command), cfg, args.overwrite)
+    if args.out is not None or args.overwrite:
+        raise CtrlDiffError("--resume continues a run in its own folder; drop --out and --overwrite")
+    return Run(args.resume, cfg, resume=True)
 
 
 def cmd_pretrain(args) -> None:
     from .io import save_weights
     from .pipeline import fit_digit_oracle
     from .pretrain import pretrain
-    from .runs import Run
 
     cfg = _cfg(args)
-    run = Run(_out(args, "pretrain"), cfg, args.overwrite)
+    run = _run(args, "pretrain", cfg)
     command = "ctrldiff pretrain " + " ".join(sys.argv[2:])
-    oracle, report = fit_digit_oracle(cfg)
+    oracle, report = fit_digit_oracle(cfg, run=run)
     oracle.save(run.path(f"digits{cfg.data.resolution}.safetensors"), {"report": report, "command": command})
     print(f"digit oracle: held-out accuracy {report['heldout']['accuracy']:.3f}")
-    net, summary = pretrain(cfg, log=run.log)
+    net, summary = pretrain(cfg, log=run.log, ckpt=run.checkpointer("pretrain", cfg.pretrain.checkpoint_every))
     meta = {"kind": "base", "resolution": cfg.data.resolution, "model": net.config, "summary": summary,
             "command": command}
     save_weights(run.path(f"base{cfg.data.resolution}.safetensors"), net.state_dict(), meta)
@@ -48,10 +87,18 @@ def cmd_pretrain(args) -> None:
 
 def cmd_classifier(args) -> None:
     from .pipeline import fit_reward_terms
-    from .runs import Run
 
     cfg = _cfg(args)
-    run = Run(_out(args, "classifier"), cfg, args.overwrite)
+    if cfg.sd.model is not None:  # SD: pairs are labelled base samples; no noise-aware classifier
+        from .sd_pipeline import clip_for, fit_sd_reward_terms, sd_backend
+
+        backend = sd_backend(cfg)
+        run = _run(args, "classifier", cfg)
+        for name, r in fit_sd_reward_terms(backend, cfg, run, clip=clip_for(cfg, backend.device))[1].items():
+            print(f"{name}: held-out accuracy {r['heldout']['accuracy']:.3f} (classes {r['class_counts']})")
+        print(f"wrote {run.dir}/")
+        return
+    run = _run(args, "classifier", cfg)
     _, reports = fit_reward_terms(cfg, run, noisy=True)
     for name, r in reports.items():
         h = r["heldout"]
@@ -71,19 +118,24 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
 
 def cmd_finetune(args) -> None:
     from .pipeline import backend_for, check_finetune, controls_of, run_cfg_finetune
-    from .runs import Run
 
     cfg = _cfg(args)
     if args.method not in ("ctrl", "cfg"):
         raise CtrlDiffError(f"finetune --method {args.method!r}; choose ctrl (pairs, RL) or cfg (triplets, DSM)")
     if args.method == "cfg":
         controls_of(cfg)
-        run = Run(_out(args, "finetune"), cfg, args.overwrite)
+        run = _run(args, "finetune", cfg)
         _, summary = run_cfg_finetune(cfg, run, backend_for(cfg, args.base))
         print(f"wrote {run.path('cfg.safetensors')} ({summary['triplets']} triplets, {summary['seconds']:.0f} s)")
         return
     check_finetune(cfg)
-    run = Run(_out(args, "finetune"), cfg, args.overwrite)
+    if cfg.sd.model is not None:  # Stable Diffusion through accelerate: only the main process writes the run
+        from .sd_pipeline import finetune_sd
+
+        finetune_sd(cfg, lambda: _run(args, "finetune", cfg), args.classifiers)
+        print(f"wrote {_out(args, 'finetune') if args.resume is None else args.resume}/ctrl.safetensors")
+        return
+    run = _run(args, "finetune", cfg)
     _finetune(cfg, run, args.classifiers, args.base)
     print(f"wrote {run.path('ctrl.safetensors')} and {run.path('curves.png')}")
 
@@ -182,6 +234,9 @@ def cmd_evaluate(args) -> None:
     from .runs import Run
 
     cfg = _cfg(args)
+    if cfg.sd.model is not None:
+        raise CtrlDiffError("evaluate --model: not yet for SD (its prompt fidelity needs a CLIP score, not the "
+                            "digit oracle); use `sample --model` and `ctrldiff.evaluate.generate` (docs/sd.md)")
     method, backend = _method(args, cfg)
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
     run_evaluate(cfg, run, [method], backend)
@@ -225,16 +280,31 @@ def cmd_bench(args) -> None:
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
 
 
+def _one_line(message: str) -> str:
+    """Errors quote user input; a newline (or any other control character) in it must not split the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), like every other ctrldiff error; subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctrldiff", description=__doc__)
+    parser = _Parser(prog="ctrldiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train the class-conditional base p_pre(x|c) and the digit oracle")
     _common(p)
+    _resume(p)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("classifier", help="fit and calibrate p̂(y|x) on pairs for each control (+ a monitor)")
     _common(p)
+    _resume(p)
+    _sd(p)
     p.set_defaults(fn=cmd_classifier)
 
     p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model "
@@ -243,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ctrl", help="ctrl (pairs, RL; default) or cfg (triplets, score matching)")
     p.add_argument("--classifiers", type=Path, help="a `ctrldiff classifier` run folder (default: fit them here)")
     p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped for the resolution)")
+    _resume(p)
+    _sd(p)
     p.set_defaults(fn=cmd_finetune)
 
     methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n"
@@ -256,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", type=Path, help="checkpoint of `ctrldiff finetune` (methods ctrl, cfg)")
         p.add_argument("--classifiers", type=Path, help="`ctrldiff classifier` run folder (guidance methods)")
         p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")
+        _sd(p)
         if name == "sample":
             p.add_argument("--y", action="append", default=[], metavar="CONTROL=LABEL", help="fix a control's label")
             p.add_argument("--c", type=int, help="fix the digit")
@@ -288,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except CtrlDiffError as e:
-        print(f"ctrldiff: error: {e}", file=sys.stderr)
+    except (CtrlDiffError, OSError) as e:  # OSError: disk full, unwritable --out (earlier files stay intact)
+        print(f"ctrldiff: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .io import CtrlDiffError
@@ -33,6 +34,7 @@ class PretrainConfig:
     ema: float = 0.999  # the shipped weights are the EMA
     p_uncond: float = 0.1  # digit dropped to the null class this often (CFG on c stays possible)
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    checkpoint_every: int = 500  # steps between checkpoints (--resume); also written at the first and last step
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ClassifierConfig:
     val_frac: float = 0.2  # of the pairs, held back for temperature calibration
     noise: float = 0.1  # std of Gaussian pixel noise in training (robustness against reward hacking)
     shift: int = 1  # random translation, pixels (augmentation)
+    checkpoint_every: int = 100  # optimiser steps between checkpoints of each classifier (--resume)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class RLConfig:
     truncate: int | str | None = "random"  # None (full), last-K steps (int) or "random" (official scheme)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier
+    checkpoint_every: int = 10  # steps between checkpoints (--resume; ~20 s of work at the default)
     kl: str = "sum"  # "sum" over dimensions (gamma is the exponent); "mean" = the official code's (gamma * d)
     final_step: str = "model"  # who takes the last, deterministic step: "base" closes a KL-free hack that the
     # 2-D study measured (docs/exactness.md); "model" until the image benchmarks are re-run with "base"
@@ -75,6 +79,7 @@ class TripletsConfig:
     lr_emb: float = 0.1  # 0.67 for these (64 samples, docs/baselines.md)
     weight_decay: float = 0.0
     p_uncond: float = 0.15  # each y dropped to null this often (METHOD.md §6: ~0.1-0.2)
+    checkpoint_every: int = 200  # steps between checkpoints (--resume)
 
 
 @dataclass
@@ -82,6 +87,22 @@ class EvalConfig:
     per_class: int = 128  # samples per requested class (per joint class for several controls)
     guidance: float = 1.0  # weight w on y: eps(c, null) + w (eps(c, y) - eps(c, null)); 1 = no guidance
     batch: int = 256
+
+
+@dataclass
+class SDConfig:
+    """The Stable Diffusion backend (docs/sd.md); on when `model` is set (`--model PATH`)."""
+
+    model: str | None = None  # local diffusers pipeline folder (SD v1.5); null = the embedded digit model
+    prompts: str | None = None  # prompt file, one per line (the c distribution); null = the 45 animals shipped
+    guidance: float = 7.5  # text CFG scale (official 7.5; 1 = none); the unconditional branch is the empty prompt
+    resolution: int | None = None  # image side in pixels; null = the UNet's own (512 for SD v1.5)
+    dtype: str = "float32"  # frozen UNet/VAE/text encoder: "float16" / "bfloat16" halve their memory on a GPU
+    mixed_precision: str = "no"  # accelerate's autocast in fine-tuning: "no", "fp16" or "bf16"
+    accumulate: int = 1  # gradient accumulation: rollouts (of rl.batch, per process) per optimiser step
+    pairs: int = 512  # base samples the oracle labels to fit each reward classifier (as many again: monitor)
+    clip: str | None = None  # local CLIP folder (transformers, e.g. ViT-L/14): enables the aesthetic2 control
+    aesthetic_predictor: str | None = None  # LAION aesthetic-predictor weights (safetensors) on that CLIP
 
 
 @dataclass
@@ -95,6 +116,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     triplets: TripletsConfig = field(default_factory=TripletsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sd: SDConfig = field(default_factory=SDConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,7 +155,51 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS = {"default": default, "multi": multi, "res28": res28, "tiny": tiny}
+# The official code's KL is a per-dimension mean weighted 0.01 against a reward weighted 0.1: with the KL
+# summed over the d = 4 x 64 x 64 latent dimensions of SD v1.5 at 512 px, that is gamma = 10 d (METHOD.md §3).
+SD_OFFICIAL_GAMMA = 10.0 * 4 * 64 * 64
+
+
+def sd_compress4() -> Config:
+    """Stable Diffusion, 4 JPEG-size classes, mirroring the official configuration: DDIM 50 steps, eta = 1,
+    text CFG 7.5, LoRA rank 4, lr 1e-3 (LoRA) / 1e-2 (embeddings), randomised truncation, checkpointing on."""
+    cfg = Config(name="sd_compress4")
+    cfg.sampler.steps, cfg.sampler.eta = 50, 1.0
+    cfg.rl.controls = {"jpeg4": SD_OFFICIAL_GAMMA}
+    cfg.rl.lora_rank, cfg.rl.lr_lora, cfg.rl.lr_emb = 4, 1e-3, 1e-2
+    cfg.rl.batch, cfg.rl.steps, cfg.rl.monitor_every = 4, 200, 50  # batch per GPU (x sd.accumulate)
+    cfg.rl.truncate, cfg.rl.checkpoint = "random", True
+    cfg.classifier.epochs, cfg.classifier.batch, cfg.classifier.shift = 10, 32, 0
+    cfg.eval.per_class, cfg.eval.batch = 128, 16
+    return cfg
+
+
+def sd_multi() -> Config:
+    """Stable Diffusion, the 2x2 task aesthetic2 x jpeg2 (needs sd.clip and sd.aesthetic_predictor); LoRA lr
+    3e-4 as in the official multi-task run, one gamma per control (the official code weights compressibility
+    x2 inside one joint table; here each control has its own table and gamma)."""
+    cfg = sd_compress4()
+    cfg.name = "sd_multi"
+    cfg.rl.controls = {"aesthetic2": SD_OFFICIAL_GAMMA, "jpeg2": SD_OFFICIAL_GAMMA}
+    cfg.rl.lr_lora = 3e-4
+    return cfg
+
+
+def sd_tiny() -> Config:
+    """Seconds-long SD settings for tests on a tiny pipeline (not for results)."""
+    cfg = sd_compress4()
+    cfg.name = "sd_tiny"
+    cfg.sampler.steps = 3
+    cfg.rl.controls = {"jpeg4": 1.0}
+    cfg.rl.steps, cfg.rl.batch, cfg.rl.monitor_every, cfg.rl.checkpoint = 1, 2, 1000, False
+    cfg.classifier.epochs, cfg.classifier.batch = 1, 8
+    cfg.sd.pairs = 16
+    cfg.eval.per_class, cfg.eval.batch = 1, 8
+    return cfg
+
+
+PRESETS = {"default": default, "multi": multi, "res28": res28, "tiny": tiny, "sd_compress4": sd_compress4,
+           "sd_multi": sd_multi, "sd_tiny": sd_tiny}
 
 
 def preset(name: str) -> Config:
@@ -167,7 +233,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise CtrlDiffError(f"unknown config key {key!r}; choose from {_keys(obj)}")
         value = _parse(raw)
         if isinstance(obj, dict):  # rl.controls.<name> = gamma
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise CtrlDiffError(f"{key}={raw!r}: gamma must be a number >= 0")
             obj[last] = float(value)
         elif dataclasses.is_dataclass(obj) and last in {f.name for f in dataclasses.fields(obj)}:
@@ -179,23 +245,70 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if last == "kl" and value not in ("sum", "mean"):
                 raise CtrlDiffError(f"{key}={raw!r}; choose \"sum\" or \"mean\"")
             if last == "truncate":
-                if not (value is None or value == "random" or (type(value) is int and value >= 0)):
-                    raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 0 or \"random\"")
+                if not (value is None or value == "random" or (type(value) is int and value >= 1)):
+                    raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 1 or \"random\"")
             elif last in ("n", "pairs"):
                 if not (value is None or (type(value) is int and value >= 1)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null (all) or an int n >= 1")
             elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):
                 raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(old).__name__}")
+            _check_range(key, value, raw)
             setattr(obj, last, value)
         else:
             raise CtrlDiffError(f"unknown config key {key!r}; choose from {_keys(obj)}")
     return cfg
 
 
+# Allowed (low, high) of numeric keys, inclusive (None: unbounded); each one a crash that fuzzing found
+# (docs/reliability.md). Every float must also be finite: JSON's NaN and Infinity parse as floats.
+LIMITS = {
+    "seed": (0, 2**31 - 2), "data.heldout": (10, 4990), "data.split_seed": (0, 2**31 - 1),
+    "sampler.steps": (1, 1000), "sampler.eta": (0, 1),
+    "pretrain.steps": (1, None), "pretrain.batch": (1, None), "pretrain.lr": (0, None), "pretrain.warmup": (1, None),
+    "pretrain.ema": (0, 1), "pretrain.p_uncond": (0, 1), "pretrain.checkpoint_every": (1, None),
+    "classifier.epochs": (1, None), "classifier.batch": (1, None), "classifier.lr": (0, None),
+    "classifier.val_frac": (0.01, 0.99), "classifier.noise": (0, None), "classifier.shift": (0, 8),
+    "classifier.checkpoint_every": (1, None),
+    "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, None),
+    "rl.lr_emb": (0, None), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (1, None),
+    "rl.checkpoint_every": (1, None),
+    "triplets.steps": (1, None), "triplets.batch": (1, None), "triplets.lora_rank": (0, None),
+    "triplets.lr_lora": (0, None), "triplets.lr_emb": (0, None), "triplets.weight_decay": (0, None),
+    "triplets.p_uncond": (0, 1), "triplets.checkpoint_every": (1, None),
+    "eval.per_class": (1, None), "eval.batch": (1, None),
+}
+
+
+def _check_range(key: str, value, raw: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CtrlDiffError(f"{key}={raw!r}: must be a finite number")
+    lo, hi = LIMITS.get(key, (None, None))
+    if isinstance(value, (int, float)) and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        raise CtrlDiffError(f"{key}={raw!r}: choose a value in {lo}..{'inf' if hi is None else hi}")
+    if key == "pretrain.channels" and not (value and all(type(c) is int and c > 0 and c % 8 == 0 for c in value)):
+        raise CtrlDiffError(f"{key}={raw!r}: choose a non-empty list of positive multiples of 8 (GroupNorm(8))")
+
+
 def _keys(obj) -> list[str]:
     if dataclasses.is_dataclass(obj):
         return [f.name for f in dataclasses.fields(obj)]
     return sorted(obj) if isinstance(obj, dict) else []
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> str | None:
+    """The first key where two `Config.to_dict()`s differ, as 'key: run X, now Y' (None if equal);
+    `checkpoint_every` may change on resume: it moves no number."""
+    for key in sorted(set(old) | set(new), key=lambda k: (k != "name", k)):  # the preset's name first
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if key == "checkpoint_every":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not name.endswith("controls"):
+            found = config_diff(a, b, name + ".")
+            if found:
+                return found
+        elif a != b:
+            return f"{name}: run {json.dumps(a)}, now {json.dumps(b)}"
+    return None
 
 
 def from_dict(d: dict) -> Config:

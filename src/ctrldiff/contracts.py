@@ -12,7 +12,7 @@ from torch import Tensor
 class Cond:
     """What conditions one batch.
 
-    c: the pre-trained model's own condition (digit ids here, prompt embeddings for SD), or None.
+    c: the pre-trained model's own condition (digit ids here; for SD, indices into its prompt list), or None.
     y: the new controls by name, integer labels; the value K (= that control's number of classes) is null.
     """
 

@@ -41,13 +41,18 @@ def digit_oracle(resolution: int) -> Classifier:
     return Classifier.load(asset_path(f"digits{resolution}.safetensors"), "digits")
 
 
-def fit_digit_oracle(cfg: Config, progress: bool = True) -> tuple[Classifier, dict]:
+def fit_digit_oracle(cfg: Config, progress: bool = True, run: Run | None = None) -> tuple[Classifier, dict]:
     """Train the evaluation digit classifier on the training split; report it on the held-out digits."""
     tr = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
     ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
-    clf, report = fit_classifier(tr.x, tr.c, NUM_DIGITS, cfg.classifier, cfg.seed, "digits", progress=progress)
+    clf, report = fit_classifier(tr.x, tr.c, NUM_DIGITS, cfg.classifier, cfg.seed, "digits", progress=progress,
+                                 ckpt=_checkpointer(run, "digits", cfg.classifier.checkpoint_every))
     report["heldout"] = evaluate_classifier(clf, ho.x, ho.c)
     return clf, report
+
+
+def _checkpointer(run: Run | None, name: str, every: int):
+    return run.checkpointer(name, every) if run is not None else None
 
 
 def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +77,18 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
     for ctl in controls_of(cfg):
         x, y = pairs_for(ctl, "train", cfg)
         x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
-        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress)
+        every = cfg.classifier.checkpoint_every
+        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress,
+                                  ckpt=_checkpointer(run, f"classifier-{ctl.name}", every))
         rep["heldout"] = evaluate_classifier(clf, x_ho, y_ho)
-        mon, mrep = fit_classifier(x_ho, y_ho, ctl.num_classes, cfg.classifier, cfg.seed + 1, ctl.name, progress=progress)
+        mon, mrep = fit_classifier(x_ho, y_ho, ctl.num_classes, cfg.classifier, cfg.seed + 1, ctl.name,
+                                   progress=progress, ckpt=_checkpointer(run, f"monitor-{ctl.name}", every))
         rep["monitor"] = {"pairs": mrep["pairs"], "accuracy_on_train_pairs": evaluate_classifier(mon, x, y)["accuracy"]}
         terms.append(RewardTerm(ctl, clf, cfg.rl.controls[ctl.name], mon))
         reports[ctl.name] = rep
         if noisy:
-            nclf = fit_noisy_classifier(x, y, ctl.num_classes, cfg.classifier, schedule, cfg.seed, ctl.name, progress)
+            nclf = fit_noisy_classifier(x, y, ctl.num_classes, cfg.classifier, schedule, cfg.seed, ctl.name, progress,
+                                        _checkpointer(run, f"noisy-{ctl.name}", every))
             rep["noise_aware_heldout_accuracy"] = noisy_accuracy(nclf, x_ho, y_ho, schedule, cfg.seed)
             if run is not None:
                 nclf.save(run.path(f"noisy-{ctl.name}.safetensors"))
@@ -110,12 +119,17 @@ def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
 
 
 def backend_for(cfg: Config, base: Path | None = None):
+    if cfg.sd.model is not None:  # Stable Diffusion from a local pipeline folder (docs/sd.md)
+        from .sd_pipeline import sd_backend
+
+        return sd_backend(cfg)
     return load_base(base, cfg.data.resolution)
 
 
 def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
     """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
-    model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress)
+    model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress,
+                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "summary": summary["seconds"]})
     records = run.records()
@@ -137,7 +151,8 @@ def run_cfg_finetune(cfg: Config, run: Run, backend, progress: bool = True) -> t
     d = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
     y = {ctl.name: ctl.label(to_unit(d.x)) for ctl in controls}
     model, summary = fit_cfg(backend, d.x, d.c, y, {c.name: c.num_classes for c in controls}, cfg.triplets,
-                             cfg.seed, log=run.log, progress=progress)
+                             cfg.seed, log=run.log, progress=progress,
+                             ckpt=run.checkpointer("cfg", cfg.triplets.checkpoint_every))
     model.save(run.path("cfg.safetensors"), {"method": "cfg", "resolution": cfg.data.resolution, "summary": summary})
     return model, summary
 

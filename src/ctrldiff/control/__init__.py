@@ -16,8 +16,16 @@ from torch import Tensor, nn
 from ..contracts import Cond, Denoiser
 from ..io import CtrlDiffError, load_weights, save_weights
 
-LORA_TARGETS = ["conv1", "conv2", "emb_proj"]
-FINAL_STEPS = ("model", "base")  # who takes the last, deterministic step (see `sampling.sample`'s `final`)  # the ResBlocks' convolutions and embedding projections
+LORA_TARGETS = ["conv1", "conv2", "emb_proj"]  # the ResBlocks' convolutions and embedding projections
+FINAL_STEPS = ("model", "base")  # who takes the last, deterministic step (see `sampling.sample`'s `final`)
+
+
+def frozen_copy(net: nn.Module, share: bool = False) -> nn.Module:
+    """A frozen copy of the base network to carry the adapters. share: copy the modules but keep the base's own
+    parameter and buffer tensors (deepcopy's memo), so a large base (SD's 860M-parameter UNet) is not held twice;
+    safe because they are frozen, and `merge_lora` gives the layers it changes their own weights first."""
+    memo = {id(v): v for v in [*net.parameters(), *net.buffers()]} if share else {}
+    return copy.deepcopy(net, memo).requires_grad_(False)
 
 
 def _zero_null_row(grad: Tensor) -> Tensor:
@@ -38,7 +46,7 @@ class ControlledDenoiser(nn.Module):
         self.controls = dict(controls)
         self.lora_rank = lora_rank
         self.lora_targets = list(lora_targets or getattr(backend, "lora_targets", LORA_TARGETS))
-        net = copy.deepcopy(backend.net).requires_grad_(False)  # the backend keeps the untouched reference
+        net = frozen_copy(backend.net, getattr(backend, "share_weights", False))  # the backend keeps the reference
         if lora_rank > 0:
             cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=self.lora_targets,
                              init_lora_weights=True)  # B = 0: LoRA starts as the identity
@@ -75,6 +83,8 @@ class ControlledDenoiser(nn.Module):
 
         for module in self.net.modules():
             if isinstance(module, LoraLayer) and not module.merged:
+                base = module.get_base_layer()
+                base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # unshare
                 module.merge()
         return self.requires_grad_(False)
 

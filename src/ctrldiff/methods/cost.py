@@ -22,8 +22,9 @@ class Cost:
         table[key] = table.get(key, 0) + n
 
     def hook(self, key: str):
-        def count(module: nn.Module, args, output: Tensor) -> None:
-            n = output.shape[0]
+        def count(module: nn.Module, args, output) -> None:
+            output = output if isinstance(output, Tensor) else output[0]  # diffusers: a ModelOutput
+            n = output.shape[0]  # SD's text CFG runs 2B rows for B samples: 2 passes per sample
             self._add(self.forward, key, n)
             if output.requires_grad:
                 output.register_hook(lambda grad: self._add(self.backward, key, n))

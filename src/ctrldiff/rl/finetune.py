@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import Checkpointer, Trainable, check_finite
 from ..classifier import Classifier
 from ..config import Config
 from ..contracts import Cond
@@ -18,6 +17,7 @@ from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
 from ..sampling import sample
 from ..tasks.controls import Control
+from . import scale
 from .objective import ctrl_objective
 
 
@@ -70,8 +70,10 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
     return out
 
 
-def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None):
-    """Fine-tune a fresh augmented model by CTRL; returns (model, summary).
+def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None,
+             ckpt: Checkpointer | None = None, accelerator=None):
+    """Fine-tune a fresh augmented model by CTRL; returns (model, summary). ckpt: resume from / save to.
+    accelerator: an accelerate.Accelerator for multi-GPU, mixed precision and accumulation (`rl/scale.py`).
 
     start: (cond, generator) -> x_T, the start distribution (default N(0, I)); a start tilted by the value
     function removes the start-distribution bias (METHOD.md §4, docs/exactness.md)."""
@@ -88,9 +90,13 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         groups.append({"params": model.lora_parameters(), "lr": rc.lr_lora})
     params = [p for grp in groups for p in grp["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=rc.weight_decay, betas=(0.9, 0.999))
-    t0, stats = time.time(), {}
-    bar = tqdm(range(rc.steps), desc="ctrl finetune", disable=not progress, dynamic_ncols=True)
-    for step in bar:
+    opt = scale.prepare(accelerator, opt, g, cfg.seed)
+    ckpt = ckpt or Checkpointer(None, {}, rc.checkpoint_every)
+    first, extra = ckpt.start(rc.steps, {"model": Trainable(model), "opt": opt}, {"g": g})
+    stats = extra.get("stats", {})
+    bar = tqdm(range(first, rc.steps), desc="ctrl finetune", disable=not progress, dynamic_ncols=True,
+               initial=first, total=rc.steps)
+    for step in scale.accelerated(bar, accelerator, model):
         # --- roll out the augmented model with gradients; (c, y) fresh per sample
         cond = draw_conditions(rc.batch, backend.num_c, controls, g)
         x_T = torch.randn((rc.batch, *backend.shape), generator=g) if start is None else start(cond, g)
@@ -101,15 +107,13 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
         loss, stats = ctrl_objective(traj, log_probs, gammas, rc.kl)
         # --- update the new parameters only
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.clip).item()
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-            raise CtrlDiffError(f"non-finite loss or gradient at step {step} (loss={loss.item()}, "
-                                f"grad norm={grad_norm}); lower the learning rates or gamma")
+        scale.backward(loss, accelerator)
+        grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)
+        check_finite(step, loss.item(), grad_norm, ckpt)  # before the step: the last checkpoint stays good
         opt.step()
+        opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
         # --- maintenance: monitor with the oracle and an independent classifier
-        stats.update(step=step, grad_norm=grad_norm, seconds=time.time() - t0)
+        stats.update(step=step, grad_norm=grad_norm, seconds=ckpt.seconds())
         if step % rc.monitor_every == 0 or step == rc.steps - 1:
             model.eval()
             stats.update(monitor(model, backend, terms, cfg))
@@ -117,4 +121,5 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.1f}")
         if log is not None:
             log(stats)
-    return model.eval(), {"steps": rc.steps, "seconds": time.time() - t0, "last": stats}
+        ckpt.step(step + 1, {"stats": stats})
+    return model.eval(), {"steps": rc.steps, "seconds": ckpt.seconds(), "last": stats}

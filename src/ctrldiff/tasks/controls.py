@@ -2,7 +2,7 @@
 
 The labeller is the oracle: it computes y from pixels, so `y ⟂ c | x` holds and pairs (x, y) suffice
 (METHOD.md §1). Labellers take images in [0, 1], shape (N, 1, H, W), and may be non-differentiable; they
-are used to label pairs and to evaluate, never as a reward.
+are used to label pairs and to evaluate, never as a reward. The SD controls (jpeg4, jpeg2) take RGB images.
 """
 
 from __future__ import annotations
@@ -102,6 +102,44 @@ def register(control: Control) -> Control:
 register(Control("compress4", 4, binned(jpeg_size, COMPRESS4), ("smallest", "small", "large", "largest")))
 register(Control("compress2", 2, binned(jpeg_size, COMPRESS2), ("compressible", "incompressible")))
 register(Control("thickness2", 2, binned(stroke_thickness, THICKNESS2), ("thin", "thick")))
+
+
+# --- Stable Diffusion (RGB images, docs/sd.md): the paper's thresholds in kB (1 kB = 1000 bytes) at 512 px
+SD_COMPRESS4_KB = [60.0, 85.0, 110.0]  # <= 60 / <= 85 / <= 110 / > 110 kB
+SD_COMPRESS2_KB = [70.0]  # compressible <= 70 kB (the multi-task split)
+
+
+def _jpeg_bytes(im: np.ndarray, quality: int) -> int:
+    buf = io.BytesIO()
+    Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, format="JPEG", quality=quality)
+    return buf.tell()
+
+
+def jpeg_kb_512(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """kB of the JPEG (quality 95) of each image (N, 1 or 3, H, W) in [0, 1], as if it were 512 x 512.
+
+    At 512 px it is the plain size. At other sizes the entropy-coded part is scaled by the pixel count
+    512^2 / (H W) and the fixed header (tables; measured as the JPEG of an 8x8 flat image, ~0.63 kB) is not:
+    scaling the whole size would turn a flat 64-px image's header alone into ~40 kB. A rule of thumb (within
+    a few % on flat and on noise images, 64 vs 512 px); exact only at 512 px."""
+    arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    header = _jpeg_bytes(np.zeros((8, 8, arr.shape[-1]), np.uint8), quality)
+    h, w = images.shape[-2:]
+    scale = (512 * 512) / (h * w)
+    return torch.tensor([(_jpeg_bytes(im, quality) - header) * scale + header for im in arr],
+                        dtype=torch.float64) / 1000
+
+
+def kb_classes(thresholds: list[float]):
+    """A labeller: class k = the first threshold the size is <= to (the paper's "<= 60 kB" is class 0)."""
+    return lambda images: torch.bucketize(jpeg_kb_512(images), torch.tensor(thresholds, dtype=torch.float64))
+
+
+register(Control("jpeg4", 4, kb_classes(SD_COMPRESS4_KB), ("<=60kB", "<=85kB", "<=110kB", ">110kB")))
+register(Control("jpeg2", 2, kb_classes(SD_COMPRESS2_KB), ("compressible", "incompressible")))
+# LAION score >= 5.7 needs CLIP and predictor weights from the user: the SD pipeline replaces this
+# labeller-less entry with a labelled one when `sd.clip` and `sd.aesthetic_predictor` are set
+register(Control("aesthetic2", 2, None, ("below 5.7", "aesthetic >= 5.7")))
 
 
 def get_control(name: str) -> Control:
