@@ -252,6 +252,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                     raise CtrlDiffError(f"{key}={raw!r}; choose null (all) or an int n >= 1")
             elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):
                 raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(old).__name__}")
+            elif old is None and value is not None:  # a null default: the annotation says what it may hold
+                want = {"str | None": str, "int | None": int}.get(_field_type(obj, last))
+                if want is not None and type(value) is not want:
+                    raise CtrlDiffError(f"{key}={raw!r} has type {type(value).__name__}, expected {want.__name__} "
+                                        "or null")
             _check_range(key, value, raw)
             setattr(obj, last, value)
         else:
@@ -287,6 +292,10 @@ def _check_range(key: str, value, raw: str) -> None:
         raise CtrlDiffError(f"{key}={raw!r}: choose a value in {lo}..{'inf' if hi is None else hi}")
     if key == "pretrain.channels" and not (value and all(type(c) is int and c > 0 and c % 8 == 0 for c in value)):
         raise CtrlDiffError(f"{key}={raw!r}: choose a non-empty list of positive multiples of 8 (GroupNorm(8))")
+
+
+def _field_type(obj, name: str) -> str:
+    return next(str(f.type) for f in dataclasses.fields(obj) if f.name == name)
 
 
 def _keys(obj) -> list[str]:
