@@ -15,12 +15,17 @@ from ctrldiff.contracts import Cond
 from ctrldiff.control import ControlledDenoiser
 from ctrldiff.exactness import (
     CONTROL,
+    TargetDenoiser,
     TiltedStart,
     base_rollouts,
     ctrl_samples,
     distances,
+    fit_adapter,
     make_setup,
+    optimum,
+    requests,
     rl_config,
+    start_bias,
     target_masses,
     train_ctrl,
 )
@@ -120,3 +125,49 @@ def test_target_masses_depend_on_gamma():
 
 
 BOUND = 0.35  # the measured run: 0.29 (KL summed) against 0.48 (KL averaged over dims)
+
+
+def test_posterior_mean_is_tweedies_estimate():
+    """The closed-form p(x_0 | x_t) behind the target's eps: its mean must be Tweedie's E[x_0 | x_t]."""
+    mix, g = MIXTURES[0], torch.Generator().manual_seed(0)
+    x_t, abar = 2 * torch.randn((64, 2), generator=g), torch.rand((64, 1), generator=g).clamp(0.01, 0.99)
+    log_w, means, var = mix.posterior(x_t, abar)
+    tweedie = (x_t - (1 - abar).sqrt() * mix.eps(x_t, abar)) / abar.sqrt()
+    torch.testing.assert_close((log_w.exp()[:, :, None] * means).sum(1), tweedie, rtol=1e-4, atol=1e-5)
+    assert bool((var < mix.std**2).all())  # observing x_t can only narrow a mode
+
+
+def test_target_denoiser_is_the_base_at_gamma_0_and_samples_p_gamma():
+    setup, g = make_setup(steps=50, grid=GRID), torch.Generator().manual_seed(0)
+    x_t, t, cond = torch.randn((32, 2), generator=g), torch.randint(0, 1000, (32,), generator=g), requests(32, 1, 2)
+    torch.testing.assert_close(TargetDenoiser(setup, 0.0)(x_t, t, cond), setup.backend.denoiser(x_t, t, cond))
+    x = ctrl_samples(setup, TargetDenoiser(setup, 3.0), 0, 0, 4000, 1.0, g)
+    _, base = base_rollouts(setup, 0, 4000, 1.0, g)
+    tv_target, tv_base = (distances(setup, v, 0, 0, 3.0, g, reference=20_000)["tv"] for v in (x, base))
+    assert tv_target < 0.2 and tv_base > 0.5, (tv_target, tv_base)  # measured 0.10 (floor 0.03) vs 0.63
+
+
+def test_optimum_is_log_z_and_a_nonnegative_kl():
+    setup = make_setup(grid=GRID)
+    flat = optimum(setup, 0.0)
+    assert abs(flat["log_z"]) < 1e-3 and abs(flat["kl"]) < 1e-3  # p_pre is normalised on the grid
+    one, three = optimum(setup, 1.0), optimum(setup, 3.0)
+    assert 0 < one["kl"] < three["kl"] and three["log_z"] < one["log_z"] < 0  # p̂ <= 1: Z falls with gamma
+
+
+def test_start_bias_is_nil_for_ddpm_and_real_for_ddim_half():
+    setup, g = make_setup(steps=20, grid=GRID), torch.Generator().manual_seed(0)
+    half, ddpm = (start_bias(setup, 0, eta, [3.0], g, starts=40, rollouts=300)[(3.0, 0)] for eta in (0.5, 1.0))
+    assert ddpm["tv"] < 1.5 * ddpm["noise"] and half["tv"] > 3 * half["noise"], (half, ddpm)
+
+
+def test_fit_adapter_moves_the_adapter_towards_the_target_eps():
+    setup, g = make_setup(steps=20, grid=GRID), torch.Generator().manual_seed(0)
+    teacher = TargetDenoiser(setup, 3.0)
+    model = fit_adapter(setup, teacher, rl_config(setup, 3.0, 1.0), steps=150, batch=256, pool=2000)
+    x_t, t, cond = torch.randn((256, 2), generator=g), torch.randint(0, 400, (256,), generator=g), requests(256, 0, 1)
+    with torch.no_grad():
+        want = teacher(x_t, t, cond)
+        before = (setup.backend.denoiser(x_t, t, cond) - want).pow(2).sum(1).mean()
+        after = (model(x_t, t, cond) - want).pow(2).sum(1).mean()
+    assert after < 0.5 * before, (float(after), float(before))

@@ -42,6 +42,16 @@ class Mixture:
         return torch.logsumexp(-d2 / (2 * var.reshape(-1, 1)), 1) - math.log(len(self.means)) - torch.log(
             2 * math.pi * var.reshape(-1))
 
+    def posterior(self, x_t: Tensor, abar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """p(x_0 | x_t) in closed form, a mixture again: (log weights (N, M), means (N, M, 2), variance (N, 1)).
+        Mode k's prior N(mu_k, s^2 I) times the likelihood N(x_t; sqrt(abar) x_0, (1 - abar) I)."""
+        s2, noise = self.std**2, 1 - abar  # abar: (N, 1)
+        var = s2 * noise / (noise + abar * s2)
+        diff = x_t[:, None, :] - abar.sqrt()[:, :, None] * self.means[None]  # (N, M, 2)
+        log_w = torch.log_softmax(-(diff**2).sum(-1) / (2 * (abar * s2 + noise)), 1)
+        means = var[:, :, None] * (self.means[None] / s2 + abar.sqrt()[:, :, None] * x_t[:, None, :] / noise[:, :, None])
+        return log_w, means, var
+
     def eps(self, x_t: Tensor, abar: Tensor) -> Tensor:
         """The exact eps-prediction -sqrt(1 - abar) grad log p_t(x_t) (abar: (N, 1))."""
         var = abar * self.std**2 + 1 - abar
