@@ -2,6 +2,7 @@
 space, checkpoints, accelerate, and the CLI's errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -251,6 +252,11 @@ def test_cli_finetune_then_sample(pipe_dir, tmp_path, capsys):
                  "-n", "2", "--out", str(tmp_path / "s")]) == 0
     images = load_weights(tmp_path / "s" / "samples.safetensors")[0]["images"]
     assert images.shape == (2, 3, 16, 16)
+    assert main(["evaluate", *args, "--ckpt", str(run / "ctrl.safetensors"), "--out", str(tmp_path / "e")]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "ctrl"} and metrics["ctrl"]["samples"] == 4  # per_class 1 x 4 jpeg classes
+    assert 0 <= metrics["ctrl"]["jpeg4"]["accuracy"] <= 1 and metrics["ctrl"]["mean_kl"] >= 0
+    assert math.isnan(metrics["ctrl"]["digit_fidelity"])  # no digit oracle on SD: n/a, not a made-up number
 
 
 @pytest.fixture(scope="module")

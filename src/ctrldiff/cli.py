@@ -234,9 +234,6 @@ def cmd_evaluate(args) -> None:
     from .runs import Run
 
     cfg = _cfg(args)
-    if cfg.sd.model is not None:
-        raise CtrlDiffError("evaluate --model: not yet for SD (its prompt fidelity needs a CLIP score, not the "
-                            "digit oracle); use `sample --model` and `ctrldiff.evaluate.generate` (docs/sd.md)")
     method, backend = _method(args, cfg)
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
     run_evaluate(cfg, run, [method], backend)

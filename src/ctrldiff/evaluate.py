@@ -4,6 +4,7 @@ feature-FID, mean path KL to the base and cost. Never uses the classifier that w
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -52,10 +53,11 @@ def generate(method: Method, backend, cond: Cond, cfg: Config, seed: int = 0, re
     return torch.cat(images), (torch.cat(kls) if kls else None), cost.per_sample(n)
 
 
-def evaluate(method: Method, backend, controls: list[Control], cfg: Config, oracle: Classifier,
-             real_features: np.ndarray, reference: Denoiser | None = None, seed: int = 0,
+def evaluate(method: Method, backend, controls: list[Control], cfg: Config, oracle: Classifier | None,
+             real_features: np.ndarray | None, reference: Denoiser | None = None, seed: int = 0,
              progress: bool = True) -> tuple[dict, torch.Tensor, Cond]:
-    """Metrics of one method on `per_class` samples per joint class of y, c cycling over the digits."""
+    """Metrics of one method on `per_class` samples per joint class of y, c cycling over the digits (prompts).
+    oracle: the digit classifier behind digit fidelity and feature-FID; None (SD) reports them as NaN."""
     ks = {c.name: c.num_classes for c in controls}
     n = cfg.eval.per_class * int(np.prod(list(ks.values())))
     cond = balanced_conditions(n, backend.num_c, ks)
@@ -77,8 +79,10 @@ def evaluate(method: Method, backend, controls: list[Control], cfg: Config, orac
             for name, v in zip(ks, combo):
                 m &= cond.y[name] == v
             out["per_corner"][",".join(f"{k}={v}" for k, v in zip(ks, combo))] = correct[m].float().mean().item()
-    out["digit_fidelity"] = (oracle.predict(images * 2 - 1) == cond.c).float().mean().item()
-    out["feature_fid"] = frechet_distance(features(oracle, images), real_features)
+    out["digit_fidelity"], out["feature_fid"] = math.nan, math.nan  # n/a without the digit oracle (SD)
+    if oracle is not None:
+        out["digit_fidelity"] = (oracle.predict(images * 2 - 1) == cond.c).float().mean().item()
+        out["feature_fid"] = frechet_distance(features(oracle, images), real_features)
     if kl is not None:
         out["mean_kl"] = kl.mean().item()
     return out, images, cond

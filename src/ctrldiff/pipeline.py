@@ -192,8 +192,9 @@ def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt:
 def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True) -> dict:
     """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids."""
     controls = controls_of(cfg)
-    oracle = digit_oracle(cfg.data.resolution)
-    real = real_features(cfg, oracle)
+    digits = cfg.sd.model is None  # SD has no digit oracle: its fidelity metric (a CLIP score) is not built yet
+    oracle = digit_oracle(cfg.data.resolution) if digits else None
+    real = real_features(cfg, oracle) if digits else None
     if all(m.name != "base" for m in methods):
         methods = [build_method("base", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta), *methods]
     results = {}
