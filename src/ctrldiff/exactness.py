@@ -201,18 +201,23 @@ def smc_samples(setup: Setup, c: int, y: int, n: int, eta: float, gamma: float, 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def on_grid(setup: Setup, c: int, y: int, gamma: float) -> tuple[Tensor, Tensor]:
+    """log p̂(y|x) and the unnormalised log p_gamma(x | c, y) at the grid's evaluation points."""
+    pts = setup.grid.points()
+    log_p = setup.classifier(pts).log_softmax(-1)[:, y]
+    return log_p, target_log_density(MIXTURES[c], log_p, gamma, pts)
+
+
 def optimum(setup: Setup, gamma: float) -> dict:
     """What the KL-regularised objective J = E[gamma log p̂(y|x_0)] - KL(P || P_pre) is worth at its optimum, from
     the grid, averaged over the (c, y): J* = log Z with Z = E_pre[p̂(y|x)^gamma], reached with reward
     E_p_gamma[gamma log p̂] and KL(p_gamma || p_pre) = reward - log Z. A policy's gap J* - J says how far its
     optimisation is from the optimum, separately from any distance on samples."""
-    pts, cell = setup.grid.points(), (2 * setup.grid.half / (setup.grid.bins * setup.grid.sub)) ** 2
     rows = []
     for c, y in setup.conditions():
-        with torch.no_grad():
-            log_p = setup.classifier(pts).log_softmax(-1)[:, y]
-        log_d = target_log_density(MIXTURES[c], log_p, gamma, pts)
-        log_z = torch.logsumexp(log_d, 0) + math.log(cell)
+        log_p, log_d = on_grid(setup, c, y, gamma)
+        log_z = torch.logsumexp(log_d, 0) + math.log(setup.grid.point_area)
         reward = float((log_d - torch.logsumexp(log_d, 0)).exp() @ (gamma * log_p))
         rows.append((float(log_z), reward, reward - float(log_z)))
     log_z, reward, kl = (float(np.mean(v)) for v in zip(*rows))
@@ -242,10 +247,7 @@ def start_bias(setup: Setup, c: int, eta: float, gammas: list[float], g: torch.G
 
 
 def target_masses(setup: Setup, c: int, y: int, gamma: float) -> Tensor:
-    pts = setup.grid.points()
-    with torch.no_grad():
-        logp_y = setup.classifier(pts).log_softmax(-1)[:, y]
-    return setup.grid.masses(target_log_density(MIXTURES[c], logp_y, gamma, pts))
+    return setup.grid.masses(on_grid(setup, c, y, gamma)[1])
 
 
 def distances(setup: Setup, x: Tensor, c: int, y: int, gamma: float, g: torch.Generator,

@@ -205,6 +205,11 @@ class Grid:
     bins: int = 48
     sub: int = 6
 
+    @property
+    def point_area(self) -> float:
+        """The area each evaluation point stands for (a sub-bin)."""
+        return (2 * self.half / (self.bins * self.sub)) ** 2
+
     def points(self) -> Tensor:
         n = self.bins * self.sub
         u = -self.half + (torch.arange(n) + 0.5) * (2 * self.half / n)

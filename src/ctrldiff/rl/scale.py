@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import grad_norm
 from ..io import CtrlDiffError
 
 
@@ -54,9 +55,8 @@ def sync_and_clip(params: list[nn.Parameter], clip: float, accelerator) -> float
     returns the norm before clipping. Inside a cycle the gradients are left alone and their norm returned."""
     if accelerator is None:
         return torch.nn.utils.clip_grad_norm_(params, clip).item()
-    grads = [p.grad for p in params if p.grad is not None]
     if not accelerator.sync_gradients:
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])).item()
+        return grad_norm(params)
     if accelerator.num_processes > 1:
         for p in params:
             if p.grad is not None:
