@@ -69,6 +69,13 @@ def test_override_type_mismatch_raises(item):
         apply_overrides(Config(), [item])
 
 
+@pytest.mark.parametrize("item, choices", [("rl.lr_schedule=linear", "cosine"), ("rl.kl=max", "mean"),
+                                           ("rl.final_step=last", "base")])
+def test_override_outside_the_choices_names_them(item, choices):
+    with pytest.raises(CtrlDiffError, match=choices):
+        apply_overrides(Config(), [item])
+
+
 def test_override_without_equals_raises():
     with pytest.raises(CtrlDiffError, match="key=value"):
         apply_overrides(Config(), ["rl.steps"])

@@ -158,6 +158,7 @@ def check_finite(step: int, loss: float, norm: float, ckpt: Checkpointer | None 
     """Stop on a non-finite loss or gradient before the optimiser step, so no bad state reaches a checkpoint."""
     if math.isfinite(loss) and math.isfinite(norm):
         return
-    kept = f"; the last good checkpoint (step {ckpt.saved}) is kept in {ckpt.path}" if ckpt is not None else ""
+    kept = "" if ckpt is None or ckpt.path is None else \
+        f"; the last good checkpoint (step {ckpt.saved}) is kept in {ckpt.path}"
     raise CtrlDiffError(f"non-finite loss or gradient at step {step} (loss={loss}, grad norm={norm}){kept}; "
                         f"lower the learning rates or gamma")

@@ -57,6 +57,7 @@ class RLConfig:
     lr_lora: float = 3e-3  # official SD: 1e-3 (compress4) / 3e-4 (multi); our small UNet tolerates more
     lr_emb: float = 0.1  # the new embeddings learn faster (official: 1e-2); see docs/benchmarks.md
     weight_decay: float = 0.1
+    lr_schedule: str = "constant"  # or "cosine": both rates decay to zero over rl.steps (the 2-D study's setting)
     clip: float = 5.0  # grad-norm clip
     truncate: int | str | None = "random"  # None (full), last-K steps (int) or "random" (official scheme)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
@@ -242,6 +243,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 value = float(value)
             if last == "final_step" and value not in ("model", "base"):
                 raise CtrlDiffError(f"{key}={raw!r}; choose \"model\" or \"base\"")
+            if last == "lr_schedule" and value not in ("constant", "cosine"):
+                raise CtrlDiffError(f"{key}={raw!r}; choose \"constant\" or \"cosine\"")
             if last == "kl" and value not in ("sum", "mean"):
                 raise CtrlDiffError(f"{key}={raw!r}; choose \"sum\" or \"mean\"")
             if last == "truncate":

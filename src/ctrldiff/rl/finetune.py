@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,24 @@ def balanced_conditions(n: int, num_c: int, controls: dict[str, int]) -> Cond:
     for k, K in controls.items():  # mixed radix: every joint class of y, then every c within each
         y[k], rest = rest % K, rest // K
     return Cond(rest % num_c, y)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate at `step` over its configured value: constant, or a cosine decay to zero over `total`
+    steps (the 2-D exactness study's setting, docs/exactness.md). A pure function of the step, so a resumed run
+    needs no scheduler state."""
+    if schedule not in LR_SCHEDULES:
+        raise CtrlDiffError(f"rl.lr_schedule={schedule!r}; choose from {LR_SCHEDULES}")
+    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def set_lr(opt, base_lrs: list[float], schedule: str, step: int, total: int) -> None:
+    """Each parameter group's rate at `step`: its configured rate (`base_lrs`) times `lr_factor`."""
+    for grp, lr in zip(opt.param_groups, base_lrs):
+        grp["lr"] = lr * lr_factor(schedule, step, total)
 
 
 def reward_input(backend, x0: torch.Tensor) -> torch.Tensor:
@@ -88,7 +107,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     groups = [{"params": model.embedding_parameters(), "lr": rc.lr_emb}]
     if rc.lora_rank > 0:
         groups.append({"params": model.lora_parameters(), "lr": rc.lr_lora})
-    params = [p for grp in groups for p in grp["params"]]
+    params, base_lrs = [p for grp in groups for p in grp["params"]], [grp["lr"] for grp in groups]
     opt = torch.optim.AdamW(groups, weight_decay=rc.weight_decay, betas=(0.9, 0.999))
     opt = scale.prepare(accelerator, opt, g, cfg.seed)
     ckpt = ckpt or Checkpointer(None, {}, rc.checkpoint_every)
@@ -110,6 +129,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         scale.backward(loss, accelerator)
         grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)
         check_finite(step, loss.item(), grad_norm, ckpt)  # before the step: the last checkpoint stays good
+        set_lr(opt, base_lrs, rc.lr_schedule, step, rc.steps)
         opt.step()
         opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
         # --- maintenance: monitor with the oracle and an independent classifier
