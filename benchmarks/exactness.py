@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GAMMAS, ETAS, POOL = [1.0, 3.0], [0.5, 1.0], 100_000
 SAMPLER_STEPS, TARGET_STEPS = [50, 100, 200], [100, 200]
 SMC_K, SMC_N = [1, 4, 16], 2_000
+RL_KEYS = ("lora_rank", "lr_lora", "lr_emb", "lr_schedule", "batch")
 
 
 def mean_over(rows: list[dict]) -> dict:
@@ -52,7 +53,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=50_000, help="samples per (c, y) for the CTRL rows")
     ap.add_argument("--rl-steps", type=int, default=500)
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the CTRL rows")
-    ap.add_argument("--long-rl-steps", type=int, default=2000, help="the one longer CTRL run (gamma 1, eta 1)")
+    ap.add_argument("--fine-steps", type=int, default=200, help="DDIM steps the converged CTRL rows sample with")
+    ap.add_argument("--fine-train-steps", type=int, default=50, help="DDIM steps they are fine-tuned with")
+    ap.add_argument("--fine-rl-steps", type=int, default=1000, help="optimiser steps of the converged rows")
+    ap.add_argument("--fine-batch", type=int, default=256, help="rollouts per optimiser step of the converged rows")
+    ap.add_argument("--fine-samples", type=int, default=100_000, help="per (c, y) for the converged rows")
     ap.add_argument("--target-samples", type=int, default=20_000, help="per (c, y) for the exact-target rows")
     ap.add_argument("--report-only", action="store_true", help="rewrite docs/exactness.md from OUT/results.json")
     args = ap.parse_args()
@@ -64,15 +69,16 @@ def main() -> None:
     t_start, g = time.time(), torch.Generator().manual_seed(0)
     setup = make_setup(steps=args.steps)
     pairs, n = setup.conditions(), args.samples
+    rc = rl_config(setup, 1.0, 1.0).rl
     results: dict = {"steps": setup.steps, "samples": n, "rl_steps": args.rl_steps, "argv": " ".join(sys.argv[1:]),
-                     "target_samples": args.target_samples}
+                     "target_samples": args.target_samples, "rl": {k: getattr(rc, k) for k in RL_KEYS}}
 
     def log(msg):
         print(f"[{time.time() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     # --- 1. the exact base alone: how close does the sampler itself get to p_pre, by number of steps?
     results["base"] = {}
-    for steps in SAMPLER_STEPS:
+    for steps in sorted({*SAMPLER_STEPS, args.steps}):  # the CTRL rows' own steps too: the summary compares
         for eta in ETAS:
             at = make_setup(steps=steps)
             rows = [distances(at, base_rollouts(at, c, n, eta, g)[1], c, 0, 0.0, g) for c in range(at.backend.num_c)]
@@ -121,12 +127,21 @@ def main() -> None:
             results["ctrl"][f"{gamma:g},{eta:g}"] = row
             log(f"ctrl gamma={gamma} eta={eta}: plain {row['plain']} tilted {row['tilted']} ({train_s:.0f} s)")
 
-    # --- 2b. longer: does the gap to the optimum close with more optimiser steps?
-    model, records = train_ctrl(setup, rl_config(setup, 1.0, 1.0, steps=args.long_rl_steps))
-    results["long"] = {"rl_steps": args.long_rl_steps, **objective(records), "optimum": optimum(setup, 1.0),
-                       **mean_over([distances(setup, ctrl_samples(setup, model, c, y, n, 1.0, g), c, y, 1.0, g)
-                                    for c, y in pairs])}
-    log(f"long ctrl: {results['long']}")
+    # --- 2b. converged: more optimiser steps (the gap to log Z down), sampled with more DDIM steps (the sampler's
+    # own error down); eta 1, so no start correction is needed
+    train_at, fine = make_setup(steps=args.fine_train_steps), make_setup(steps=args.fine_steps)
+    results["converged"] = {"steps": args.fine_steps, "train_steps": args.fine_train_steps,
+                            "rl_steps": args.fine_rl_steps, "batch": args.fine_batch, "samples": args.fine_samples}
+    for gamma in GAMMAS:
+        t0 = time.time()
+        model, records = train_ctrl(train_at, rl_config(train_at, gamma, 1.0, steps=args.fine_rl_steps,
+                                                                  batch=args.fine_batch))
+        row = {"train_seconds": time.time() - t0, **objective(records), "optimum": optimum(fine, gamma),
+               "chain_log_z": chain_log_z(train_at, gamma, POOL, g)}
+        row.update(mean_over([distances(fine, ctrl_samples(fine, model, c, y, args.fine_samples, 1.0, g), c, y,
+                                        gamma, g) for c, y in pairs]))
+        results["converged"][f"{gamma:g}"] = row
+        log(f"converged ctrl gamma={gamma}: {row}")
 
     # --- 2c. capacity: the same adapter regressed on the exact target eps, sampled like CTRL
     at = make_setup(steps=TARGET_STEPS[0])
@@ -169,6 +184,17 @@ def objective(records: list[dict], last: int = 50) -> dict:
     """The objective's terms over the last `last` optimiser steps: reward, path KL and J = reward - KL."""
     reward, kl = (float(np.mean([r[k] for r in records[-last:]])) for k in ("reward", "kl"))
     return {"reward": reward, "kl": kl, "J": reward - kl}
+
+
+@torch.no_grad()
+def chain_log_z(setup, gamma: float, n: int, g: torch.Generator) -> float:
+    """log E[p̂(y|x_0)^gamma] under the setup's own DDIM chain (eta 1), by Monte Carlo over n rollouts per c: the
+    optimum of the objective CTRL actually trains on, beside the continuous log Z."""
+    vals = []
+    for c in range(setup.backend.num_c):
+        log_p = setup.classifier(base_rollouts(setup, c, n, 1.0, g)[1]).log_softmax(-1)
+        vals += [float(torch.logsumexp(gamma * log_p[:, y], 0)) - np.log(n) for y in range(log_p.shape[1])]
+    return float(np.mean(vals))
 
 
 def learned_case(n: int, rl_steps: int, steps: int, g: torch.Generator, log, pretrain_steps: int = 3000) -> dict:
@@ -225,9 +251,12 @@ def _dist(v: dict) -> str:
 
 
 def report(r: dict, argv: str) -> str:
-    base, tg, lg, cap = r["base"], r["target"], r["long"], r["capacity"]
+    base, tg, cap, cv, rl = r["base"], r["target"], r["capacity"], r["converged"], r["rl"]
     best_target = min(v["tv"] for k, v in tg.items() if k.startswith(f"{TARGET_STEPS[-1]},"))
     ctrl_tv = [v["plain"]["tv"] for v in r["ctrl"].values()]
+    conv = {g: cv[f"{g:g}"] for g in GAMMAS}
+    met = all(v["tv"] <= 0.05 for v in conv.values())
+    base_at = base[f"{r['steps']},1"]["tv"]  # the sampler's own error at the CTRL rows' steps
     cap_teacher = tg[f"{cap['steps']},3,1"]["tv"]
     gaps = [v["optimum"]["log_z"] - v["J"] for v in r["ctrl"].values()]
 
@@ -242,22 +271,28 @@ def report(r: dict, argv: str) -> str:
         ("Setup (`ctrldiff.backends.mixture`, `ctrldiff.exactness`): c = 0 is a ring of 8 Gaussians (radius 2, "
          "std 0.25), c = 1 a 3×3 grid (spacing 1.5, std 0.25); the pre-trained ε-predictor is the exact noisy "
          "mixture score (no training error) plus a residual MLP that starts at zero, where CTRL's adapters act "
-         "(control embedding + LoRA rank 8 on the MLP). p̂(y|x) is an analytic logistic in x with 3 classes "
+         f"(control embedding + LoRA rank {rl['lora_rank']} on the MLP). p̂(y|x) is an analytic logistic in x with 3 classes "
          "(directions 0°, 120°, 240°, slope 1.5). DDIM with trailing spacing; the last, deterministic step is "
          "the base's (`rl.final_step = \"base\"`). CTRL: the same `rl.finetune` as the images, full "
-         f"back-propagation, KL summed over dimensions, {r['steps']} DDIM steps. Distances: total variation on a "
+         f"back-propagation, KL summed over dimensions, {r['steps']} DDIM steps, {rl['batch']} rollouts per optimiser "
+         f"step, learning rates {rl['lr_lora']:g} (LoRA) / {rl['lr_emb']:g} (embedding) with a {rl['lr_schedule']} "
+         "schedule (`rl.lr_schedule`). Distances: total variation on a "
          f"{Grid().bins}² histogram over [-4, 4]² against the exact p_γ integrated on the same bins, and the largest "
          "per-mode mass error; each beside its sampling-noise floor (the same number for as many exact draws of "
          f"p_γ, by rejection). {r['samples']:,} samples per (c, y) unless a table says otherwise; means over the "
          "6 (c, y).\n"),
         "## Summary\n",
-        (f"- **Target (TV ≤ 0.05 for CTRL) {'met' if min(ctrl_tv) <= 0.05 else 'missed'}**: CTRL reaches TV "
-         f"{min(ctrl_tv):.3f}–{max(ctrl_tv):.3f} at {r['steps']} steps and {r['rl_steps']} optimiser steps "
-         f"({lg['tv']:.3f} after {lg['rl_steps']}), its objective J staying {min(gaps):.2f}–{max(gaps):.2f} nats below "
-         f"the optimum log Z ({lg['optimum']['log_z'] - lg['J']:.2f} after {lg['rl_steps']}). The optimum itself, "
-         f"computed instead of learned (the target's own ε), reaches TV {best_target:.3f} at {TARGET_STEPS[-1]} "
-         f"steps, and CTRL's adapter regressed onto it {cap['adapter']['tv']:.3f} at {cap['steps']} steps "
-         f"({cap_teacher:.3f} for the optimum at the same steps).\n"),
+        (f"- **Target (TV ≤ 0.05 for CTRL, η = 1) {'met' if met else 'missed'}**: at {cv['steps']} DDIM steps and "
+         f"{cv['rl_steps']} optimiser steps CTRL samples p_γ at TV "
+         + " and ".join(f"{v['tv']:.3f} (γ = {g:g})" for g, v in conv.items())
+         + f" from {cv['samples']:,} samples per (c, y) (noise floor {max(v['tv_floor'] for v in conv.values()):.3f}), "
+         f"its objective J within {max(v['optimum']['log_z'] - v['J'] for v in conv.values()):.3f} nats of the "
+         f"optimum log Z (table 4b). At {r['steps']} steps and {r['rl_steps']} optimiser steps it is at "
+         f"{min(ctrl_tv):.3f}–{max(ctrl_tv):.3f} ({min(gaps):.2f}–{max(gaps):.2f} nats short), where the exact base "
+         f"alone is at {base_at:.3f} from p_pre (η = 1). The optimum itself, computed instead of learned (the target's own "
+         f"ε), reaches TV {best_target:.3f} at {TARGET_STEPS[-1]} steps from {r['target_samples']:,} samples, and "
+         f"CTRL's adapter regressed onto it {cap['adapter']['tv']:.3f} at {cap['steps']} steps ({cap_teacher:.3f} "
+         f"for the optimum at the same steps).\n"),
         (f"- **The optimum's own error is the sampler's**: the exact base at 50 steps is at TV "
          f"{base['50,0.5']['tv']:.3f} (η = 0.5) / {base['50,1']['tv']:.3f} (η = 1) from p_pre, and "
          f"{base['200,0.5']['tv']:.3f} / {base['200,1']['tv']:.3f} at 200 steps (noise floor "
@@ -304,10 +339,21 @@ def report(r: dict, argv: str) -> str:
         lines.append(f"| {gamma} | {eta} | {v['plain']['tv']:.4f} | {v['tilted']['tv']:.4f} | "
                      f"{v['plain']['tv_floor']:.4f} | {v['plain']['mode_error']:.4f} | {v['J']:.3f} | {o['log_z']:.3f} "
                      f"| {v['kl']:.3f} | {o['kl']:.3f} | {v['train_seconds']:.0f} |")
-    lines += ["", (f"Longer (γ = 1, η = 1, {lg['rl_steps']} optimiser steps instead of {r['rl_steps']}): TV "
-                   f"{lg['tv']:.4f} (floor {lg['tv_floor']:.4f}), J {lg['J']:.3f} against log Z "
-                   f"{lg['optimum']['log_z']:.3f} (KL {lg['kl']:.3f}, optimal {lg['optimum']['kl']:.3f}).\n"),
-              (f"Capacity: the same adapter (embedding + LoRA rank 8, CTRL's learning rates) regressed for 3,000 "
+    lines += ["", (f"### 4b. Converged: {cv['rl_steps']} optimiser steps of {cv['batch']} rollouts, fine-tuned at "
+                   f"{cv['train_steps']} DDIM steps and sampled at {cv['steps']}; η = 1, N(0, I) start, "
+                   f"{cv['samples']:,} samples per (c, y)\n"),
+              ("More optimiser steps close the gap to the optimum; more sampling steps remove most of the sampler's "
+               f"own error (table 1). The adapter is a function of the timestep, so it serves a finer chain than "
+               f"the one it was fine-tuned on. J is measured on the {cv['train_steps']}-step training chain, beside "
+               "the optimum log Z and the same optimum on that chain (log E[p̂^γ] over its own base rollouts, "
+               f"{POOL:,} per c).\n"),
+              ("| γ | TV to p_γ | noise floor | mode error | J | optimum log Z | on the training chain | KL | "
+              "optimal KL | train s |"),
+              "|---|---|---|---|---|---|---|---|---|---|",
+              *[f"| {g:g} | {_dist(v)} | {v['J']:.3f} | {v['optimum']['log_z']:.3f} | {v['chain_log_z']:.3f} | "
+                f"{v['kl']:.3f} | {v['optimum']['kl']:.3f} | {v['train_seconds']:.0f} |" for g, v in conv.items()], "",
+              (f"Capacity: the same adapter (embedding + LoRA rank {rl['lora_rank']}, CTRL's learning rates) regressed "
+               "for 3,000 "
                f"steps on the exact target ε at noised exact draws of p_γ (`exactness.fit_adapter`; γ = 3, η = 1, "
                f"{cap['steps']} steps) samples at TV {cap['adapter']['tv']:.4f} (floor {cap['adapter']['tv_floor']:.4f}), "
                f"against {cap_teacher:.4f} for the exact target ε itself.\n"),

@@ -9,6 +9,7 @@ from ctrldiff.backends.mixture import (
     LogisticNet,
     exact_samples,
     fit_logistic,
+    mode_masses,
     total_variation,
 )
 from ctrldiff.contracts import Cond
@@ -106,17 +107,18 @@ def trained():
 
 
 def test_ctrl_samples_p_gamma_and_a_broken_kl_convention_does_not(trained):
-    """Seeded, small (20 DDIM steps, 150 RL steps): TV to the exact p_3 within a loose bound (measured 0.29;
-    the sampler's own discretisation error is part of it); the same run with the KL averaged over the dims,
-    the official convention, lands at 0.48, beyond the bound."""
+    """Seeded, small (20 DDIM steps, 150 RL steps, gamma 3): the favoured mode (0°, the ring's mode along y = 0's
+    direction) gets the mass p_3 gives it (measured 0.498 against 0.488 exact; p_6 gives 0.620), and the TV to
+    p_3 is within a loose bound (measured 0.194; the 20-step sampler's own error is most of it). The same run
+    with the KL averaged over the d = 2 dims, the official convention, over-tilts towards p_6 (measured 0.552)."""
     setup, models = trained
     g = torch.Generator().manual_seed(1)
+    exact = mode_masses(MIXTURES[0], exact_samples(MIXTURES[0], setup.classifier, 0, 3.0, 50_000, g))[0]
     x = ctrl_samples(setup, models["sum"], 0, 0, 20_000, 1.0, g)
-    ours = distances(setup, x, 0, 0, 3.0, g, reference=50_000)
+    assert abs(float(mode_masses(MIXTURES[0], x)[0] - exact)) < 0.03
+    assert distances(setup, x, 0, 0, 3.0, g, reference=50_000)["tv"] < BOUND
     x = ctrl_samples(setup, models["mean"], 0, 0, 20_000, 1.0, g)
-    broken = distances(setup, x, 0, 0, 3.0, g, reference=50_000)
-    assert ours["tv"] < BOUND, ours
-    assert broken["tv"] > BOUND + 0.05, broken
+    assert float(mode_masses(MIXTURES[0], x)[0] - exact) > 0.04
 
 
 def test_target_masses_depend_on_gamma():
@@ -124,7 +126,7 @@ def test_target_masses_depend_on_gamma():
     assert total_variation(target_masses(setup, 0, 0, 1.0), target_masses(setup, 0, 0, 3.0)) > 0.1
 
 
-BOUND = 0.35  # the measured run: 0.29 (KL summed) against 0.48 (KL averaged over dims)
+BOUND = 0.25  # TV to p_3 of the small seeded CTRL run (measured 0.194)
 
 
 def test_posterior_mean_is_tweedies_estimate():
