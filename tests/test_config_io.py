@@ -76,6 +76,12 @@ def test_override_outside_the_choices_names_them(item, choices):
         apply_overrides(Config(), [item])
 
 
+@pytest.mark.parametrize("item", ["rl.lr_emb=3.402823466385288e+37", "rl.lr_lora=11", "pretrain.lr=1e300"])
+def test_a_learning_rate_beyond_10_is_refused(item):  # 3.4e37 overflowed Adam's float32 step (fuzzing)
+    with pytest.raises(CtrlDiffError, match="choose a value in 0..10"):
+        apply_overrides(Config(), [item])
+
+
 def test_override_without_equals_raises():
     with pytest.raises(CtrlDiffError, match="key=value"):
         apply_overrides(Config(), ["rl.steps"])

@@ -268,20 +268,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # Allowed (low, high) of numeric keys, inclusive (None: unbounded); each one a crash that fuzzing found
-# (docs/reliability.md). Every float must also be finite: JSON's NaN and Infinity parse as floats.
+# (docs/reliability.md). Every float must also be finite: JSON's NaN and Infinity parse as floats. Learning
+# rates stop at 10: rl.lr_emb=3.4e37 (fuzzing) overflowed Adam's float32 step inside torch.
 LIMITS = {
     "seed": (0, 2**31 - 2), "data.heldout": (10, 4990), "data.split_seed": (0, 2**31 - 1),
     "sampler.steps": (1, 1000), "sampler.eta": (0, 1),
-    "pretrain.steps": (1, None), "pretrain.batch": (1, None), "pretrain.lr": (0, None), "pretrain.warmup": (1, None),
+    "pretrain.steps": (1, None), "pretrain.batch": (1, None), "pretrain.lr": (0, 10), "pretrain.warmup": (1, None),
     "pretrain.ema": (0, 1), "pretrain.p_uncond": (0, 1), "pretrain.checkpoint_every": (1, None),
-    "classifier.epochs": (1, None), "classifier.batch": (1, None), "classifier.lr": (0, None),
+    "classifier.epochs": (1, None), "classifier.batch": (1, None), "classifier.lr": (0, 10),
     "classifier.val_frac": (0.01, 0.99), "classifier.noise": (0, None), "classifier.shift": (0, 8),
     "classifier.checkpoint_every": (1, None),
-    "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, None),
-    "rl.lr_emb": (0, None), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (1, None),
+    "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, 10),
+    "rl.lr_emb": (0, 10), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (1, None),
     "rl.checkpoint_every": (1, None),
     "triplets.steps": (1, None), "triplets.batch": (1, None), "triplets.lora_rank": (0, None),
-    "triplets.lr_lora": (0, None), "triplets.lr_emb": (0, None), "triplets.weight_decay": (0, None),
+    "triplets.lr_lora": (0, 10), "triplets.lr_emb": (0, 10), "triplets.weight_decay": (0, None),
     "triplets.p_uncond": (0, 1), "triplets.checkpoint_every": (1, None),
     "eval.per_class": (1, None), "eval.batch": (1, None),
 }

@@ -47,6 +47,7 @@ def balanced_conditions(n: int, num_c: int, controls: dict[str, int]) -> Cond:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+MIN_ETA = 1e-3
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -97,8 +98,8 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     start: (cond, generator) -> x_T, the start distribution (default N(0, I)); a start tilted by the value
     function removes the start-distribution bias (METHOD.md §4, docs/exactness.md)."""
     rc, sc = cfg.rl, cfg.sampler
-    if sc.eta <= 0:
-        raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta > 0)")
+    if sc.eta < MIN_ETA:  # a denormal eta (4.7e-277, found by fuzzing) underflows the step noise to exactly 0
+        raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta >= {MIN_ETA})")
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     controls = {t.control.name: t.control.num_classes for t in terms}
