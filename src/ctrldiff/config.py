@@ -48,6 +48,9 @@ class ClassifierConfig:
     checkpoint_every: int = 100  # optimiser steps between checkpoints of each classifier (--resume)
 
 
+LR_SCHEDULES = ("constant", "cosine")  # rl.lr_schedule (rl.finetune.lr_factor)
+
+
 @dataclass
 class RLConfig:
     controls: dict[str, float] = field(default_factory=lambda: {"compress4": 10.0})  # control -> gamma
@@ -243,8 +246,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 value = float(value)
             if last == "final_step" and value not in ("model", "base"):
                 raise CtrlDiffError(f"{key}={raw!r}; choose \"model\" or \"base\"")
-            if last == "lr_schedule" and value not in ("constant", "cosine"):
-                raise CtrlDiffError(f"{key}={raw!r}; choose \"constant\" or \"cosine\"")
+            if last == "lr_schedule" and value not in LR_SCHEDULES:
+                raise CtrlDiffError(f"{key}={raw!r}; choose from {LR_SCHEDULES}")
             if last == "kl" and value not in ("sum", "mean"):
                 raise CtrlDiffError(f"{key}={raw!r}; choose \"sum\" or \"mean\"")
             if last == "truncate":

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..checkpoint import Checkpointer, Trainable, check_finite
 from ..classifier import Classifier
-from ..config import Config
+from ..config import LR_SCHEDULES, Config
 from ..contracts import Cond
 from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
@@ -46,7 +46,6 @@ def balanced_conditions(n: int, num_c: int, controls: dict[str, int]) -> Cond:
     return Cond(rest % num_c, y)
 
 
-LR_SCHEDULES = ("constant", "cosine")
 MIN_ETA = 1e-3
 
 
