@@ -190,3 +190,25 @@ def test_cosine_schedule_decays_to_zero_and_resumes_bit_identically(tiny_backend
     constant.rl.lr_schedule = "constant"
     other, _ = finetune(tiny_backend, [term], constant, progress=False)
     assert not torch.equal(other.embeddings["bright2"].weight, whole.embeddings["bright2"].weight)
+
+
+def test_finetune_starts_from_an_init_model_without_changing_it(tiny_backend):
+    """Continue a fine-tune (e.g. on a finer chain): the new parameters start at init's, not at zero."""
+    cfg = tiny()
+    cfg.rl.steps, cfg.rl.weight_decay, cfg.rl.monitor_every = 3, 0.0, 100
+    term = _brightness_task(tiny_backend, cfg)
+    first, _ = finetune(tiny_backend, [term], cfg, progress=False)
+    before = {k: v.clone() for k, v in first.adapter_state().items()}
+    cfg.rl.steps = 1
+    cont, _ = finetune(tiny_backend, [term], cfg, progress=False, init=first)
+    fresh, _ = finetune(tiny_backend, [term], cfg, progress=False)
+    merged, _ = finetune(tiny_backend, [term], cfg, progress=False, init=copy.deepcopy(first).merge_lora())
+    for k, v in cont.adapter_state().items():
+        assert torch.equal(first.adapter_state()[k], before[k]), k  # init is copied, not trained
+        assert torch.equal(merged.adapter_state()[k], v), k  # a merged init keeps its LoRA factors
+        lr = cfg.rl.lr_emb if k.startswith("emb.") else cfg.rl.lr_lora
+        assert (v - before[k]).abs().max() <= 1.001 * lr, k  # one Adam step moves a parameter by at most lr
+    emb = "emb.bright2"
+    assert (cont.adapter_state()[emb] - fresh.adapter_state()[emb]).abs().max() > 1.5 * cfg.rl.lr_emb
+    with pytest.raises(CtrlDiffError, match="does not match"):
+        finetune(tiny_backend, [term], cfg, progress=False, init=ControlledDenoiser(tiny_backend, {"other": 2}))

@@ -70,11 +70,11 @@ def rl_config(setup: Setup, gamma: float, eta: float, steps: int = 400, batch: i
     return cfg
 
 
-def train_ctrl(setup: Setup, cfg: Config, start=None, progress: bool = False):
+def train_ctrl(setup: Setup, cfg: Config, start=None, progress: bool = False, init=None):
     """CTRL through the same `rl.finetune` as the images; returns the augmented model and the training log."""
     records: list[dict] = []
     term = RewardTerm(CONTROL, setup.classifier, cfg.rl.controls[CONTROL.name])
-    model, _ = finetune(setup.backend, [term], cfg, log=records.append, progress=progress, start=start)
+    model, _ = finetune(setup.backend, [term], cfg, log=records.append, progress=progress, start=start, init=init)
     return model, records
 
 

@@ -119,12 +119,16 @@ class ControlledDenoiser(nn.Module):
         expected = model.adapter_state()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
             raise CtrlDiffError(f"checkpoint {path} does not match the base model it is loaded on")
+        return model.load_adapter_state(state).eval()
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> ControlledDenoiser:
+        """Set the new parameters from `adapter_state()`'s dict (of this or an identically built model)."""
         with torch.no_grad():
-            for k, e in model.embeddings.items():
+            for k, e in self.embeddings.items():
                 e.weight.copy_(state[f"emb.{k}"])
-        if model.lora_rank > 0:
-            set_peft_model_state_dict(model.net, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
-        return model.eval()
+        if self.lora_rank > 0:
+            set_peft_model_state_dict(self.net, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        return self
 
 
 def null_cond(cond: Cond, controls: dict[str, int]) -> Cond:

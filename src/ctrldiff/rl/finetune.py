@@ -64,6 +64,13 @@ def set_lr(opt, base_lrs: list[float], schedule: str, step: int, total: int) -> 
         grp["lr"] = lr * lr_factor(schedule, step, total)
 
 
+def start_from(model: ControlledDenoiser, init: ControlledDenoiser) -> None:
+    """Copy `init`'s new parameters into `model`; both must be the same augmented model."""
+    if init.meta() != model.meta():
+        raise CtrlDiffError(f"init model {init.meta()} does not match the configured one {model.meta()}")
+    model.load_adapter_state(init.adapter_state())  # a merged init still holds its LoRA factors
+
+
 def reward_input(backend, x0: torch.Tensor) -> torch.Tensor:
     """What the classifiers see (the backend decides: a clamped image in [-1, 1], or the point itself in 2-D)."""
     return backend.classifier_input(x0)
@@ -90,12 +97,15 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
 
 
 def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None,
-             ckpt: Checkpointer | None = None, accelerator=None):
+             ckpt: Checkpointer | None = None, accelerator=None, init: ControlledDenoiser | None = None):
     """Fine-tune a fresh augmented model by CTRL; returns (model, summary). ckpt: resume from / save to.
     accelerator: an accelerate.Accelerator for multi-GPU, mixed precision and accumulation (`rl/scale.py`).
 
     start: (cond, generator) -> x_T, the start distribution (default N(0, I)); a start tilted by the value
-    function removes the start-distribution bias (METHOD.md §4, docs/exactness.md)."""
+    function removes the start-distribution bias (METHOD.md §4, docs/exactness.md).
+    init: an augmented model (same controls, rank and final step) whose new parameters the fine-tune starts from
+    instead of zero, e.g. one fine-tuned on a coarser, cheaper chain (docs/exactness.md, table 4b); it is copied,
+    not changed."""
     rc, sc = cfg.rl, cfg.sampler
     if sc.eta < MIN_ETA:  # a denormal eta (4.7e-277, found by fuzzing) underflows the step noise to exactly 0
         raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta >= {MIN_ETA})")
@@ -104,6 +114,8 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     controls = {t.control.name: t.control.num_classes for t in terms}
     gammas = {t.control.name: t.gamma for t in terms}
     model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step)
+    if init is not None:
+        start_from(model, init)
     groups = [{"params": model.embedding_parameters(), "lr": rc.lr_emb}]
     if rc.lora_rank > 0:
         groups.append({"params": model.lora_parameters(), "lr": rc.lr_lora})
