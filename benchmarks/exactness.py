@@ -38,7 +38,7 @@ from ctrldiff.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 GAMMAS, ETAS, POOL = [1.0, 3.0], [0.5, 1.0], 100_000
-SAMPLER_STEPS, TARGET_STEPS = [50, 100, 200], [100, 200]
+SAMPLER_STEPS, TARGET_STEPS = [50, 100, 200, 500], [100, 200]
 SMC_K, SMC_N = [1, 4, 16], 2_000
 RL_KEYS = ("lora_rank", "lr_lora", "lr_emb", "lr_schedule", "batch")
 
@@ -53,9 +53,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=50_000, help="samples per (c, y) for the CTRL rows")
     ap.add_argument("--rl-steps", type=int, default=500)
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the CTRL rows")
-    ap.add_argument("--fine-steps", type=int, default=200, help="DDIM steps the converged CTRL rows sample with")
+    ap.add_argument("--fine-steps", type=int, default=500, help="DDIM steps the converged CTRL rows sample with")
     ap.add_argument("--fine-train-steps", type=int, default=100, help="DDIM steps they are fine-tuned with")
     ap.add_argument("--fine-rl-steps", type=int, default=2000, help="optimiser steps of the converged rows")
+    ap.add_argument("--polish-steps", type=int, default=300,
+                    help="optimiser steps that continue the converged rows on a finer chain (0: none)")
+    ap.add_argument("--polish-train-steps", type=int, default=200, help="DDIM steps of that finer chain")
+    ap.add_argument("--polish-lr", type=float, default=0.2, help="the polish's learning rates over the rows' own")
     ap.add_argument("--fine-batch", type=int, default=256, help="rollouts per optimiser step of the converged rows")
     ap.add_argument("--fine-samples", type=int, default=100_000, help="per (c, y) for the converged rows")
     ap.add_argument("--target-samples", type=int, default=20_000, help="per (c, y) for the exact-target rows")
@@ -127,17 +131,26 @@ def main() -> None:
             results["ctrl"][f"{gamma:g},{eta:g}"] = row
             log(f"ctrl gamma={gamma} eta={eta}: plain {row['plain']} tilted {row['tilted']} ({train_s:.0f} s)")
 
-    # --- 2b. converged: more optimiser steps (the gap to log Z down), sampled with more DDIM steps (the sampler's
-    # own error down); eta 1, so no start correction is needed
+    # --- 2b. converged: many optimiser steps (the gap to log Z down) on a cheap chain, a short polish on a finer
+    # one, then sampled with more steps still (the sampler's own error down); eta 1, so no start correction
     train_at, fine = make_setup(steps=args.fine_train_steps), make_setup(steps=args.fine_steps)
+    polish_at = make_setup(steps=args.polish_train_steps) if args.polish_steps else train_at
     results["converged"] = {"steps": args.fine_steps, "train_steps": args.fine_train_steps,
-                            "rl_steps": args.fine_rl_steps, "batch": args.fine_batch, "samples": args.fine_samples}
+                            "rl_steps": args.fine_rl_steps, "batch": args.fine_batch, "samples": args.fine_samples,
+                            "polish_steps": args.polish_steps, "polish_lr": args.polish_lr,
+                            "polish_train_steps": polish_at.steps}
+    chain_z = chain_log_z(polish_at, GAMMAS, POOL, g)  # the chain the last J is measured on
     for gamma in GAMMAS:
         t0 = time.time()
         model, records = train_ctrl(train_at, rl_config(train_at, gamma, 1.0, steps=args.fine_rl_steps,
                                                                   batch=args.fine_batch))
-        row = {"train_seconds": time.time() - t0, **objective(records), "optimum": optimum(fine, gamma),
-               "chain_log_z": chain_log_z(train_at, gamma, POOL, g)}
+        row = {"train_seconds": time.time() - t0, "coarse": objective(records)}
+        if args.polish_steps:
+            t0, cfg = time.time(), rl_config(polish_at, gamma, 1.0, steps=args.polish_steps, batch=args.fine_batch)
+            cfg.rl.lr_lora, cfg.rl.lr_emb = cfg.rl.lr_lora * args.polish_lr, cfg.rl.lr_emb * args.polish_lr
+            model, records = train_ctrl(polish_at, cfg, init=model)
+            row["polish_seconds"] = time.time() - t0
+        row.update(**objective(records), optimum=optimum(fine, gamma), chain_log_z=chain_z[gamma])
         row.update(mean_over([distances(fine, ctrl_samples(fine, model, c, y, args.fine_samples, 1.0, g), c, y,
                                         gamma, g) for c, y in pairs]))
         results["converged"][f"{gamma:g}"] = row
@@ -187,14 +200,15 @@ def objective(records: list[dict], last: int = 50) -> dict:
 
 
 @torch.no_grad()
-def chain_log_z(setup, gamma: float, n: int, g: torch.Generator) -> float:
-    """log E[p̂(y|x_0)^gamma] under the setup's own DDIM chain (eta 1), by Monte Carlo over n rollouts per c: the
-    optimum of the objective CTRL actually trains on, beside the continuous log Z."""
-    vals = []
+def chain_log_z(setup, gammas: list[float], n: int, g: torch.Generator) -> dict[float, float]:
+    """log E[p̂(y|x_0)^gamma] under the setup's own DDIM chain (eta 1), by Monte Carlo over n rollouts per c, for
+    each gamma: the optimum of the objective CTRL actually trains on, beside the continuous log Z."""
+    vals: dict[float, list[float]] = {gamma: [] for gamma in gammas}
     for c in range(setup.backend.num_c):
         log_p = setup.classifier(base_rollouts(setup, c, n, 1.0, g)[1]).log_softmax(-1)
-        vals += [float(torch.logsumexp(gamma * log_p[:, y], 0)) - np.log(n) for y in range(log_p.shape[1])]
-    return float(np.mean(vals))
+        for gamma, v in vals.items():
+            v += [float(torch.logsumexp(gamma * log_p[:, y], 0)) - np.log(n) for y in range(log_p.shape[1])]
+    return {gamma: float(np.mean(v)) for gamma, v in vals.items()}
 
 
 def learned_case(n: int, rl_steps: int, steps: int, g: torch.Generator, log, pretrain_steps: int = 3000) -> dict:
@@ -282,8 +296,10 @@ def report(r: dict, argv: str) -> str:
          f"p_γ, by rejection). {r['samples']:,} samples per (c, y) unless a table says otherwise; means over the "
          "6 (c, y).\n"),
         "## Summary\n",
-        (f"- **Target (TV ≤ 0.05 for CTRL, η = 1) {'met' if met else 'missed'}**: at {cv['steps']} DDIM steps and "
-         f"{cv['rl_steps']} optimiser steps CTRL samples p_γ at TV "
+        (f"- **Target (TV ≤ 0.05 for CTRL, η = 1) {'met' if met else 'missed'}**: fine-tuned for {cv['rl_steps']} "
+         f"optimiser steps at {cv['train_steps']} DDIM steps and {cv['polish_steps']} more at "
+         f"{cv['polish_train_steps']}, "
+         f"CTRL samples p_γ at {cv['steps']} steps at TV "
          + " and ".join(f"{v['tv']:.3f} (γ = {g:g})" for g, v in conv.items())
          + f" from {cv['samples']:,} samples per (c, y) (noise floor {max(v['tv_floor'] for v in conv.values()):.3f}), "
          f"its objective J within {max(v['optimum']['log_z'] - v['J'] for v in conv.values()):.3f} nats of the "
@@ -295,8 +311,8 @@ def report(r: dict, argv: str) -> str:
          f"for the optimum at the same steps).\n"),
         (f"- **The optimum's own error is the sampler's**: the exact base at 50 steps is at TV "
          f"{base['50,0.5']['tv']:.3f} (η = 0.5) / {base['50,1']['tv']:.3f} (η = 1) from p_pre, and "
-         f"{base['200,0.5']['tv']:.3f} / {base['200,1']['tv']:.3f} at 200 steps (noise floor "
-         f"{base['200,1']['tv_floor']:.3f}).\n"),
+         f"{base['200,0.5']['tv']:.3f} / {base['200,1']['tv']:.3f} at 200 steps and {base['500,0.5']['tv']:.3f} / "
+         f"{base['500,1']['tv']:.3f} at 500 (noise floor {base['500,1']['tv_floor']:.3f}).\n"),
         (f"- **The start bias** (table 3): TV(ν*, N(0, I)) is {bias(0.5)} at η = 0.5 and {bias(1.0)} at η = 1, "
          f"where Monte-Carlo noise alone shows {bias(1.0, 'noise')}. DDPM's chain (η = 1) forgets x_T, so N(0, I) "
          "is already the start the optimum needs (a memoryless schedule); DDIM at η = 0.5 keeps x_T's imprint, "
@@ -339,19 +355,22 @@ def report(r: dict, argv: str) -> str:
         lines.append(f"| {gamma} | {eta} | {v['plain']['tv']:.4f} | {v['tilted']['tv']:.4f} | "
                      f"{v['plain']['tv_floor']:.4f} | {v['plain']['mode_error']:.4f} | {v['J']:.3f} | {o['log_z']:.3f} "
                      f"| {v['kl']:.3f} | {o['kl']:.3f} | {v['train_seconds']:.0f} |")
-    lines += ["", (f"### 4b. Converged: {cv['rl_steps']} optimiser steps of {cv['batch']} rollouts, fine-tuned at "
-                   f"{cv['train_steps']} DDIM steps and sampled at {cv['steps']}; η = 1, N(0, I) start, "
-                   f"{cv['samples']:,} samples per (c, y)\n"),
+    lines += ["", (f"### 4b. Converged: {cv['rl_steps']} optimiser steps of {cv['batch']} rollouts at "
+                   f"{cv['train_steps']} DDIM steps, then {cv['polish_steps']} at {cv['polish_train_steps']}; sampled at "
+                   f"{cv['steps']}, η = 1, N(0, I) start, {cv['samples']:,} samples per (c, y)\n"),
               ("More optimiser steps close the gap to the optimum; more sampling steps remove most of the sampler's "
-               f"own error (table 1). The adapter is a function of the timestep, so it serves a finer chain than "
-               f"the one it was fine-tuned on. J is measured on the {cv['train_steps']}-step training chain, beside "
-               "the optimum log Z and the same optimum on that chain (log E[p̂^γ] over its own base rollouts, "
-               f"{POOL:,} per c).\n"),
-              ("| γ | TV to p_γ | noise floor | mode error | J | optimum log Z | on the training chain | KL | "
-              "optimal KL | train s |"),
-              "|---|---|---|---|---|---|---|---|---|---|",
-              *[f"| {g:g} | {_dist(v)} | {v['J']:.3f} | {v['optimum']['log_z']:.3f} | {v['chain_log_z']:.3f} | "
-                f"{v['kl']:.3f} | {v['optimum']['kl']:.3f} | {v['train_seconds']:.0f} |" for g, v in conv.items()], "",
+               "own error (table 1). A chain costs in proportion to its steps, so the long fine-tune runs on "
+               f"a {cv['train_steps']}-step chain and a short polish (`finetune(init=...)`, learning rates "
+               f"×{cv['polish_lr']:g}, cosine) continues it on a {cv['polish_train_steps']}-step one. The adapter is "
+               "a function of the timestep, so it serves a finer chain than the one it was fine-tuned on. "
+               "J is over the last 50 optimiser steps of each stage, beside the optimum log Z and the same optimum "
+               f"on the polish's chain (log E[p̂^γ] over its own base rollouts, {POOL:,} per c).\n"),
+              ("| γ | TV to p_γ | noise floor | mode error | J, coarse | J, polished | optimum log Z | "
+               "on the polish's chain | KL | optimal KL | train s |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|",
+              *[f"| {g:g} | {_dist(v)} | {v['coarse']['J']:.3f} | {v['J']:.3f} | {v['optimum']['log_z']:.3f} | "
+                f"{v['chain_log_z']:.3f} | {v['kl']:.3f} | {v['optimum']['kl']:.3f} | "
+                f"{v['train_seconds']:.0f} + {v.get('polish_seconds', 0):.0f} |" for g, v in conv.items()], "",
               (f"Capacity: the same adapter (embedding + LoRA rank {rl['lora_rank']}, CTRL's learning rates) regressed "
                "for 3,000 "
                f"steps on the exact target ε at noised exact draws of p_γ (`exactness.fit_adapter`; γ = 3, η = 1, "
