@@ -273,6 +273,7 @@ def report(r: dict, argv: str) -> str:
     base_at = base[f"{r['steps']},1"]["tv"]  # the sampler's own error at the CTRL rows' steps
     cap_teacher = tg[f"{cap['steps']},3,1"]["tv"]
     gaps = [v["optimum"]["log_z"] - v["J"] for v in r["ctrl"].values()]
+    command = f"python benchmarks/exactness.py {argv}".strip()
 
     def bias(eta: float, key: str = "tv") -> str:
         vals = [v[key] for k, v in r["start_bias"].items() if float(k.split(",")[1]) == eta]
@@ -280,7 +281,7 @@ def report(r: dict, argv: str) -> str:
 
     lines = [
         "# Exactness: does CTRL sample p_γ? (2-D mixtures with a known answer)\n",
-        (f"Produced by `python benchmarks/exactness.py {argv}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+        (f"Produced by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
          f"wall time {r['seconds'] / 60:.1f} min. Nothing here is typed by hand.\n"),
         ("Setup (`ctrldiff.backends.mixture`, `ctrldiff.exactness`): c = 0 is a ring of 8 Gaussians (radius 2, "
          "std 0.25), c = 1 a 3×3 grid (spacing 1.5, std 0.25); the pre-trained ε-predictor is the exact noisy "
