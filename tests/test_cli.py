@@ -18,15 +18,24 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_a_complete_run_folder(demo_dir):
     for name in ["config.json", "metrics.jsonl", "classifiers.json", "ctrl.safetensors", "curves.png",
-                 "samples-base.png", "samples-ctrl.png", "metrics.json", "metrics.md"]:
+                 "samples-base.png", "samples-ctrl.png", "samples-target.png", "target-vs-ctrl.png", "metrics.json",
+                 "metrics.md"]:
         assert (demo_dir / name).is_file(), name
     metrics = json.loads((demo_dir / "metrics.json").read_text())
-    assert set(metrics) == {"base", "ctrl"}
+    assert set(metrics) == {"base", "target", "ctrl"}
+    rows = [line.split(" | ")[0] for line in (demo_dir / "metrics.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| base", "| target", "| ctrl"]  # the target right after the base
     for m in metrics.values():
         assert 0 <= m["compress4"]["accuracy"] <= 1 and len(m["compress4"]["confusion"]) == 4
-        assert m["mean_kl"] >= 0 and m["seconds_per_sample"] > 0
-    assert metrics["base"]["mean_kl"] == 0  # the base against itself
-    assert json.loads((demo_dir / "config.json").read_text())["name"] == "tiny"
+        assert m["mean_kl"] >= 0
+    assert metrics["base"]["mean_kl"] == 0 and metrics["ctrl"]["seconds_per_sample"] > 0  # the base against itself
+    assert metrics["base"]["gap"] >= 0  # Jensen: the base's J = E[gamma log p̂] <= log Z
+    assert metrics["target"]["objective"] == metrics["target"]["log_z"]  # the target's J is the optimum
+    assert metrics["ctrl"]["log_z"] == metrics["base"]["log_z"]  # log Z of the same requests
+    config = json.loads((demo_dir / "config.json").read_text())
+    assert config["name"] == "tiny" and config["device"] == "cpu"  # "auto", resolved on this GPU-less machine
+    assert all("gap" in r for r in map(json.loads, (demo_dir / "metrics.jsonl").read_text().splitlines())
+               if "reward" in r)  # the convergence meter, every CTRL step
 
 
 def test_sample_and_evaluate_from_a_checkpoint(demo_dir, tmp_path):
@@ -56,11 +65,26 @@ def _cli(*args, cwd=None):
     (["evaluate", "--method", "ctrl"], "method 'ctrl' needs --ckpt"),
     (["finetune", "--method", "smc"], "choose ctrl (pairs, RL) or cfg (triplets, DSM)"),
     (["finetune", "--method", "cfg", "--set", "triplets.n=0"], "choose null (all) or an int n >= 1"),
+    (["evaluate", "--method", "target"], "method 'target' takes --classifiers"),
+    (["evaluate", "--device", "gpu"], "device='gpu'; choose from ('auto', 'cpu', 'cuda')"),
+    (["finetune", "--set", "target.per_c=0"], "target.per_c='0': choose a value in 1..inf"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluate_the_target_and_ctrl_beside_it(demo_dir, tmp_path):
+    """`--method target` is base + target; ctrl with --classifiers adds the target, J and log Z - J."""
+    assert main(["evaluate", "--preset", "tiny", "--method", "target", "--classifiers", str(demo_dir),
+                 "--out", str(tmp_path / "t")]) == 0
+    assert set(json.loads((tmp_path / "t" / "metrics.json").read_text())) == {"base", "target"}
+    assert main(["evaluate", "--preset", "tiny", "--ckpt", str(demo_dir / "ctrl.safetensors"), "--classifiers",
+                 str(demo_dir), "--out", str(tmp_path / "c")]) == 0
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "target", "ctrl"} and "gap" in metrics["ctrl"]
+    assert (tmp_path / "c" / "target-vs-ctrl.png").is_file() and "log Z - J" in (tmp_path / "c" / "metrics.md").read_text()
 
 
 def test_bad_label_and_corrupt_checkpoint(demo_dir, tmp_path):

@@ -212,3 +212,23 @@ def test_finetune_starts_from_an_init_model_without_changing_it(tiny_backend):
     assert (cont.adapter_state()[emb] - fresh.adapter_state()[emb]).abs().max() > 1.5 * cfg.rl.lr_emb
     with pytest.raises(CtrlDiffError, match="does not match"):
         finetune(tiny_backend, [term], cfg, progress=False, init=ControlledDenoiser(tiny_backend, {"other": 2}))
+
+
+def test_finetune_with_final_step_base_never_lets_the_model_take_the_last_step(tiny_backend, monkeypatch):
+    """The step the path KL cannot see belongs to the frozen base in training and in the monitor's sampling:
+    the fine-tuned model is never called at the chain's last timestep (and is, with "model")."""
+    cfg = tiny()
+    cfg.rl.controls, cfg.rl.steps, cfg.rl.monitor_every = {"bright2": 5.0}, 2, 1
+    last = int(tiny_backend.schedule.timesteps(cfg.sampler.steps)[-1])
+    seen = []
+    forward = ControlledDenoiser.forward
+
+    def spy(self, x_t, t, cond):
+        seen.append(int(t[0]))
+        return forward(self, x_t, t, cond)
+
+    monkeypatch.setattr(ControlledDenoiser, "forward", spy)
+    for final, called in [("base", False), ("model", True)]:
+        cfg.rl.final_step, seen[:] = final, []
+        finetune(tiny_backend, [_brightness_task(tiny_backend, cfg)], cfg, progress=False)
+        assert seen and (last in seen) is called, (final, sorted(set(seen)))

@@ -171,7 +171,7 @@ def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig
     perm = torch.randperm(len(x), generator=g)
     n_val = max(1, int(cfg.val_frac * len(x)))
     val, tr = perm[:n_val], perm[n_val:]
-    clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1]), name)
+    clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1], width=cfg.width, feat_dim=2 * cfg.width), name)
     t0 = time.time()
     fit_net(clf.net, x[tr], y[tr], cfg, g, lambda xb: augment(xb, cfg.noise, cfg.shift, g), name, log, progress,
             ckpt)

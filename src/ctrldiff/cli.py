@@ -16,6 +16,24 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dotted config override, JSON value, repeatable (e.g. --set rl.steps=100)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<command>-<preset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _device(p)
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help=f"where the networks run: {', '.join(C.DEVICES)} (default auto: "
+                                                   "a GPU if torch sees one); sets `device`, recorded in config.json")
+
+
+def _device_override(args) -> list[str]:
+    return [f"device={args.device}"] if getattr(args, "device", None) is not None else []
+
+
+def _resolved(cfg: C.Config) -> C.Config:
+    """`device` "auto" resolved to what this machine has, so config.json says where the run ran."""
+    from .pipeline import resolve_device
+
+    cfg.device = resolve_device(cfg.device)
+    return cfg
 
 
 def _sd(p: argparse.ArgumentParser) -> None:
@@ -43,9 +61,10 @@ def _cfg(args) -> C.Config:
     if resume is not None and args.preset is None and not args.overrides:  # the run's own settings
         from .io import read_json
 
-        return C.from_dict(read_json(resume / "config.json"))
+        return _resolved(C.from_dict(read_json(resume / "config.json")))
     default = "sd_compress4" if getattr(args, "model", None) is not None else "default"
-    cfg = C.apply_overrides(C.preset(args.preset or default), [*args.overrides, *_sd_overrides(args)])
+    cfg = _resolved(C.apply_overrides(C.preset(args.preset or default),
+                                      [*args.overrides, *_device_override(args), *_sd_overrides(args)]))
     if cfg.name.startswith("sd_") and cfg.sd.model is None:
         raise CtrlDiffError(f"preset {cfg.name!r} is for Stable Diffusion: pass --model PATH (a local diffusers folder)")
     return cfg
@@ -113,7 +132,7 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
 
     backend = backend_for(cfg, base)
     terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run)[0]
-    return run_finetune(cfg, run, terms, backend)[0], backend
+    return run_finetune(cfg, run, terms, backend)[0], backend, terms
 
 
 def cmd_finetune(args) -> None:
@@ -170,7 +189,8 @@ def _method(args, cfg):
         if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
             raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
                                 f"{cfg.data.resolution}; pass the matching --preset")
-        cfg.rl.controls = {k: cfg.rl.controls.get(k, 0.0) for k in meta.get("controls", {})}
+        gammas = meta.get("gammas", cfg.rl.controls)  # the gammas it was fine-tuned with (older checkpoints: config's)
+        cfg.rl.controls = {k: gammas.get(k, 0.0) for k in meta.get("controls", {})}
     backend = backend_for(cfg, args.base)
     return method_for(cfg, args.method, backend, knobs, args.ckpt, args.classifiers), backend
 
@@ -230,13 +250,26 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .pipeline import run_evaluate
+    from .pipeline import backend_for, load_reward_terms, run_evaluate
     from .runs import Run
 
     cfg = _cfg(args)
-    method, backend = _method(args, cfg)
+    if args.method == "target":  # no sampler of its own: importance sampling over the bank (ctrldiff/target.py)
+        if args.classifiers is None or args.ckpt is not None or args.knobs:
+            raise CtrlDiffError("method 'target' takes --classifiers (the reward classifiers whose p_gamma it "
+                                "estimates, gammas from rl.controls) and no --ckpt or --knob")
+        methods, backend = [], backend_for(cfg, args.base)
+    else:
+        method, backend = _method(args, cfg)
+        methods = [method]
+    terms = None  # the reward classifiers: the target's row, J and log Z - J beside the methods
+    if args.classifiers is not None and args.method in ("target", "ctrl", "cfg"):
+        if cfg.sd.model is not None:
+            raise CtrlDiffError("the target's bank of base samples is not built for Stable Diffusion here; "
+                                "evaluate --model without --classifiers")
+        terms = load_reward_terms(cfg, args.classifiers)
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
-    run_evaluate(cfg, run, [method], backend)
+    run_evaluate(cfg, run, methods, backend, terms=terms)
     print((run.path("metrics.md")).read_text())
 
 
@@ -246,17 +279,18 @@ def cmd_demo(args) -> None:
     from .runs import Run
 
     root = args.out or Path("runs") / "demo"
-    cfgs = {name: C.apply_overrides(C.preset(name), args.overrides) for name in args.presets}
+    cfgs = {name: _resolved(C.apply_overrides(C.preset(name), [*args.overrides, *_device_override(args)]))
+            for name in args.presets}
     for cfg in cfgs.values():
         check_finetune(cfg)
     tables = []
     for name, cfg in cfgs.items():
         run = Run(root / name, cfg, args.overwrite)
         print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
-        model, backend = _finetune(cfg, run, None, None)
+        model, backend, terms = _finetune(cfg, run, None, None)
         ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
                             model=model.merge_lora())
-        results = run_evaluate(cfg, run, [ctrl], backend)
+        results = run_evaluate(cfg, run, [ctrl], backend, terms=terms)
         tables.append(f"### {name}: {' x '.join(cfg.rl.controls)}\n\n" + results_table(results, controls_of(cfg)))
     print("\n" + "\n".join(tables))
 
@@ -314,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sd(p)
     p.set_defaults(fn=cmd_finetune)
 
-    methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n"
+    methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n (evaluate: also target)"
     for name, fn, text in [("sample", cmd_sample, "sample with a method (grid rows = y, columns = c)"),
                            ("evaluate", cmd_evaluate, "evaluate a method and the base against the oracles")]:
         p = sub.add_parser(name, help=text)
@@ -323,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE",
                        help="a knob of the method, repeatable (e.g. --knob w=2); see docs/baselines.md")
         p.add_argument("--ckpt", type=Path, help="checkpoint of `ctrldiff finetune` (methods ctrl, cfg)")
-        p.add_argument("--classifiers", type=Path, help="`ctrldiff classifier` run folder (guidance methods)")
+        p.add_argument("--classifiers", type=Path, help="`ctrldiff classifier` run folder (guidance methods; with "
+                       "evaluate --method ctrl/cfg/target: the target p_gamma of these classifiers beside the base)")
         p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")
         _sd(p)
         if name == "sample":
@@ -350,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted config override applied to every preset")
     p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
+    _device(p)
     p.set_defaults(fn=cmd_demo)
     return parser
 

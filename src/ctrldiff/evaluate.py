@@ -55,9 +55,11 @@ def generate(method: Method, backend, cond: Cond, cfg: Config, seed: int = 0, re
 
 def evaluate(method: Method, backend, controls: list[Control], cfg: Config, oracle: Classifier | None,
              real_features: np.ndarray | None, reference: Denoiser | None = None, seed: int = 0,
-             progress: bool = True) -> tuple[dict, torch.Tensor, Cond]:
+             progress: bool = True, terms=None, log_z: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, Cond]:
     """Metrics of one method on `per_class` samples per joint class of y, c cycling over the digits (prompts).
-    oracle: the digit classifier behind digit fidelity and feature-FID; None (SD) reports them as NaN."""
+    oracle: the digit classifier behind digit fidelity and feature-FID; None (SD) reports them as NaN.
+    terms: the reward terms (classifier, gamma): adds CTRL's objective J = E[sum_k gamma_k log p̂_k - path KL] on
+    these samples; log_z: log Z(c, y) (`target.log_z_table`), adds log Z and the gap log Z - J in nats."""
     ks = {c.name: c.num_classes for c in controls}
     n = cfg.eval.per_class * int(np.prod(list(ks.values())))
     cond = balanced_conditions(n, backend.num_c, ks)
@@ -79,10 +81,34 @@ def evaluate(method: Method, backend, controls: list[Control], cfg: Config, orac
             for name, v in zip(ks, combo):
                 m &= cond.y[name] == v
             out["per_corner"][",".join(f"{k}={v}" for k, v in zip(ks, combo))] = correct[m].float().mean().item()
+    out["per_cell"] = per_cell(correct, cond, ks)
     out["digit_fidelity"], out["feature_fid"] = math.nan, math.nan  # n/a without the digit oracle (SD)
     if oracle is not None:
         out["digit_fidelity"] = (oracle.predict(images * 2 - 1) == cond.c).float().mean().item()
         out["feature_fid"] = frechet_distance(features(oracle, images), real_features)
     if kl is not None:
         out["mean_kl"] = kl.mean().item()
+    if terms:  # images in [0, 1] -> [-1, 1]: what `classifier_input` gives the classifiers on image backends
+        out["reward"] = sum(t.gamma * t.classifier.log_prob(images * 2 - 1, cond.y[t.control.name])
+                            for t in terms).mean().item()
+        if kl is not None:
+            out["objective"] = out["reward"] - out["mean_kl"]
+            if log_z is not None:
+                from .target import lookup
+
+                out["log_z"] = lookup(log_z, cond, [t.control.name for t in terms]).mean().item()
+                out["gap"] = out["log_z"] - out["objective"]
     return out, images, cond
+
+
+def per_cell(correct: torch.Tensor, cond: Cond, ks: dict[str, int]) -> list[dict]:
+    """Joint accuracy per request (c, y): the rows of the target-vs-method heat map."""
+    out = []
+    for c in range(int(cond.c.max()) + 1):
+        for ys in itertools.product(*[range(k) for k in ks.values()]):
+            m = cond.c == c
+            for name, y in zip(ks, ys):
+                m &= cond.y[name] == y
+            if m.any():
+                out.append({"c": c, "y": list(ys), "accuracy": correct[m].float().mean().item(), "n": int(m.sum())})
+    return out

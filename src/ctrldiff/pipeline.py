@@ -8,17 +8,25 @@ from pathlib import Path
 import torch
 
 from .backends.pixels import asset_path, load_base
-from .classifier import Classifier, NoisyClassifier, evaluate_classifier, fit_classifier, fit_noisy_classifier
+from .classifier import (
+    Classifier,
+    NoisyClassifier,
+    evaluate_classifier,
+    expected_calibration_error,
+    fit_classifier,
+    fit_noisy_classifier,
+)
 from .config import Config
 from .control import ControlledDenoiser
 from .evaluate import evaluate, features
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
-from .plots import plot_curves, save_grid
+from .plots import plot_cells, plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
+from .target import bank_log_probs, load_bank, log_z_table, target_metrics
 from .tasks.controls import Control, get_control
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
 
@@ -67,6 +75,18 @@ def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, 
     return x, control.label(to_unit(x))
 
 
+def base_pairs(control: Control, cfg: Config, backend, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`classifier.base_pairs` samples of the base model labelled by the control's oracle: more pairs, drawn where
+    CTRL samples (the base's support), from their own cached bank (seed `target.seed + 1`: never the yardstick's)."""
+    if control.labeller is None:
+        raise CtrlDiffError(f"classifier.base_pairs={cfg.classifier.base_pairs}: control {control.name!r} has no "
+                            "oracle to label base samples; set classifier.base_pairs=0")
+    per_c = math.ceil(cfg.classifier.base_pairs / backend.num_c)
+    bank = load_bank(backend, per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed + 1, progress=progress)
+    images = backend.decode(bank.transpose(0, 1).flatten(0, 1)[: cfg.classifier.base_pairs])  # c cycling
+    return images * 2 - 1, control.label(images)
+
+
 def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
                      noisy: bool = False) -> tuple[list[RewardTerm], dict]:
     """Step 1 for each control: the reward classifier from the training pairs, calibrated, and an independent
@@ -76,6 +96,9 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
     schedule = backend_for(cfg).schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
     for ctl in controls_of(cfg):
         x, y = pairs_for(ctl, "train", cfg)
+        if cfg.classifier.base_pairs:
+            xb, yb = base_pairs(ctl, cfg, backend_for(cfg), progress)
+            x, y = torch.cat([x, xb]), torch.cat([y, yb])
         x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
         every = cfg.classifier.checkpoint_every
         clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress,
@@ -101,6 +124,15 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
 
 
 @torch.no_grad()
+def on_base_samples(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 2048) -> dict:
+    """A classifier on fresh base samples (images in [0, 1]) labelled by the oracle: where CTRL samples, unlike
+    the real held-out digits. Accuracy and ECE of the calibrated logits (returned as `logits` too)."""
+    logits = torch.cat([clf(images[i:i + batch] * 2 - 1) for i in range(0, len(images), batch)])
+    return {"accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+            "ece_calibrated": expected_calibration_error(logits, labels), "logits": logits}
+
+
+@torch.no_grad()
 def noisy_accuracy(clf: NoisyClassifier, x, y, schedule, seed: int, ts=(0, 250, 500, 750)) -> dict:
     """Held-out accuracy of a noise-aware classifier at a few noise levels t."""
     g, out = torch.Generator().manual_seed(seed), {}
@@ -118,24 +150,50 @@ def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
             for ctl in controls_of(cfg)]
 
 
+def resolve_device(device: str) -> str:
+    """`device`: "auto" is "cuda" where a GPU is visible, else "cpu"; asking for cuda without one is an error."""
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise CtrlDiffError("device='cuda' but torch sees no GPU here; choose 'auto' or 'cpu'")
+    return ("cuda" if cuda else "cpu") if device == "auto" else device
+
+
 def backend_for(cfg: Config, base: Path | None = None):
     if cfg.sd.model is not None:  # Stable Diffusion from a local pipeline folder (docs/sd.md)
         from .sd_pipeline import sd_backend
 
         return sd_backend(cfg)
-    return load_base(base, cfg.data.resolution)
+    return load_base(base, cfg.data.resolution, resolve_device(cfg.device))
+
+
+def target_bank(cfg: Config, backend, progress: bool = True) -> torch.Tensor:
+    """The cached bank of base samples the target p_gamma is estimated from (built on first use)."""
+    return load_bank(backend, cfg.target.per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed,
+                     path=cfg.target.bank, progress=progress)
+
+
+def log_z_of(cfg: Config, terms: list[RewardTerm], backend, progress: bool = True,
+             bank: torch.Tensor | None = None) -> torch.Tensor:
+    """log Z(c, y) of the reward terms on the bank: the optimum of CTRL's objective per request."""
+    bank = target_bank(cfg, backend, progress) if bank is None else bank
+    return log_z_table(bank_log_probs(backend, bank, {t.control.name: t.classifier for t in terms}),
+                       {t.control.name: t.gamma for t in terms})
 
 
 def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
-    """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
+    """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves (with `target.meter`, log Z - J:
+    nats to the objective's optimum)."""
+    log_z = log_z_of(cfg, terms, backend, progress) if cfg.target.meter else None
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress,
-                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every))
+                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z)
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
-                                              "summary": summary["seconds"]})
+                                              "gammas": cfg.rl.controls, "summary": summary["seconds"]})
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
               "reward (sum of gamma log p)": ["reward"], "path KL to the base (nats)": ["kl"]}
+    if "gap" in keys:
+        panels["log Z - J (nats to the optimum)"] = ["gap"]
     plot_curves(records, panels, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
     return model, summary
 
@@ -189,20 +247,35 @@ def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt:
     return build_method(name, backend, knobs, **kw)
 
 
-def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True) -> dict:
-    """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids."""
+def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True,
+                 terms: list[RewardTerm] | None = None) -> dict:
+    """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids.
+    terms: the reward classifiers and gammas: adds the target p_gamma's row (importance sampling over the bank),
+    each method's objective J and log Z - J, and a heat map of target vs method accuracy per (c, y)."""
     controls = controls_of(cfg)
     digits = cfg.sd.model is None  # SD has no digit oracle: its fidelity metric (a CLIP score) is not built yet
     oracle = digit_oracle(cfg.data.resolution) if digits else None
     real = real_features(cfg, oracle) if digits else None
     if all(m.name != "base" for m in methods):
         methods = [build_method("base", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta), *methods]
-    results = {}
+    results, log_z, target = {}, None, None
+    if terms:  # the target from the bank, with the same classifiers and gammas as the reward
+        bank = target_bank(cfg, backend, progress)
+        log_z = log_z_of(cfg, terms, backend, progress, bank)
+        target = target_metrics(backend, bank, terms, controls, cfg.eval.per_class, oracle, real, cfg.seed,
+                                cfg.target.min_ess)
     for method in methods:
         metrics, images, cond = evaluate(method, backend, controls, cfg, oracle, real, reference=backend.denoiser,
-                                         seed=cfg.seed, progress=progress)
+                                         seed=cfg.seed, progress=progress, terms=terms, log_z=log_z)
         results[method.name] = metrics
         save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method.name}.png"))
+        if method.name == "base" and target is not None:  # the target's row right after the base's
+            results["target"] = target[0]
+            save_grid(*grid_of(*target[1:], controls), run.path("samples-target.png"))
+    for name, m in results.items():
+        if "target" in results and name not in ("base", "target"):
+            plot_cells(results["target"]["cells"], m["per_cell"], name, run.path(f"target-vs-{name}.png"),
+                       cfg.target.min_ess)
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results
@@ -229,16 +302,25 @@ def _num(v: float) -> str:
 def results_table(results: dict, controls: list[Control]) -> str:
     """A markdown table: one row per method."""
     cols = [f"{c.name} acc" for c in controls] + [f"{c.name} F1" for c in controls]
-    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL",
-                                                            "net fwd/sample", "net bwd/sample", "s/sample"]
+    objective = any("objective" in m for m in results.values())
+    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL"]
+    cols += ["J", "log Z - J"] if objective else []
+    cols += ["net fwd/sample", "net bwd/sample", "s/sample"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, m in results.items():
         vals = [m[c.name]["accuracy"] for c in controls] + [m[c.name]["macro_f1"] for c in controls]
         vals += ([m["joint_accuracy"]] if len(controls) > 1 else [])
-        cost = m["cost_per_sample"]
-        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", float("nan")),
-                 cost.get("forward_denoiser", 0), cost.get("backward_denoiser", 0), m["seconds_per_sample"]]
+        cost, nan = m["cost_per_sample"], float("nan")
+        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", nan)]
+        vals += [m.get("objective", nan), m.get("gap", 0.0 if method == "target" else nan)] if objective else []
+        vals += [cost.get("forward_denoiser", nan), cost.get("backward_denoiser", nan), m["seconds_per_sample"]]
         lines.append(f"| {method} | " + " | ".join(_num(v) for v in vals) + " |")
+    if "target" in results:
+        t = results["target"]
+        lines += ["", (f"target: p_gamma by importance sampling over {t['samples']} base samples; "
+                       f"{t['untrusted_cells']} of {len(t['cells'])} requests (c, y) have an effective sample size "
+                       f"below the trusted minimum (lowest {t['min_ess']:.1f}); its mean KL is KL(p_gamma || p_pre) on "
+                       "x_0 and its J is log Z, the objective's optimum")]
     if len(controls) > 1:
         lines += ["", "Per-corner joint accuracy:", "", "| method | " + " | ".join(results["base"]["per_corner"]) + " |",
                   "|---" * (len(results["base"]["per_corner"]) + 1) + "|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,73 @@ def plot_curves(records: list[dict], panels: dict[str, list[str]], path: str | P
         ax.set_title(name)
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Path, min_ess: float = 30.0) -> None:
+    """Accuracy per request (rows = joint y, columns = c): the target p_gamma, the method, and their difference;
+    target cells whose effective sample size is below `min_ess` are marked x (not trustworthy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ys = sorted({tuple(r["y"]) for r in target})
+    cols = max(r["c"] for r in target) + 1
+
+    def grid(rows: list[dict]) -> np.ndarray:
+        a = np.full((len(ys), cols), np.nan)
+        for r in rows:
+            a[ys.index(tuple(r["y"])), r["c"]] = r["accuracy"]
+        return a
+
+    t, m = grid(target), grid(method)
+    fig, axes = plt.subplots(1, 3, figsize=(3.2 * 3 + 1.5, 0.45 * len(ys) + 1.8))
+    panels = [("target p_gamma", t, "viridis", (0, 1)), (name, m, "viridis", (0, 1)),
+              (f"{name} - target", m - t, "RdBu", (-1, 1))]
+    for ax, (title, a, cmap, (lo, hi)) in zip(axes, panels):
+        im = ax.imshow(a, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(len(ys)), [",".join(map(str, y)) for y in ys])
+        ax.set_xlabel("c (digit)")
+        ax.set_ylabel("requested y")
+        ax.set_title(title, fontsize=9)
+        for r in target:
+            if r["ess"] < min_ess:
+                ax.text(r["c"], ys.index(tuple(r["y"])), "x", ha="center", va="center", color="red", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="oracle accuracy" if lo == 0 else "difference")
+    fig.suptitle(f"oracle accuracy per request (c, y): target vs {name}; x = target ESS < {min_ess:g}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(curves: dict, path: str | Path, title: str, bins: int = 10) -> None:
+    """Reliability diagram: accuracy against confidence per bin (bins with >= 20 samples), one curve per
+    name -> (logits, labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .classifier import expected_calibration_error
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    for name, (logits, y) in curves.items():
+        conf, pred = logits.softmax(-1).max(-1)
+        edges = torch.linspace(0, 1, bins + 1)
+        masks = [(conf > lo) & (conf <= hi) for lo, hi in itertools.pairwise(edges)]
+        pts = [(conf[m].mean().item(), (pred[m] == y[m]).float().mean().item()) for m in masks if m.sum() >= 20]
+        ax.plot(*zip(*pts), marker="o", label=f"{name} (ECE {expected_calibration_error(logits, y):.3f})")
+    ax.set_xlabel("confidence (max p̂)")
+    ax.set_ylabel("accuracy (oracle label)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -22,9 +22,10 @@ class PixelBackend:
     net: SmallUNet
     schedule: Schedule
     resolution: int
+    device: str = "cpu"  # where the networks run; every other tensor (chains, rewards, labels) stays on the CPU
 
     def __post_init__(self):
-        self.net.eval().requires_grad_(False)
+        self.net.eval().requires_grad_(False).to(self.device)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -40,12 +41,17 @@ class PixelBackend:
         return NUM_DIGITS
 
     def call(self, net, x_t: Tensor, t: Tensor, c: Tensor | None, emb: Tensor | None = None) -> Tensor:
-        """Run `net` (the base network, or a copy carrying adapters) with `emb` added to its time embedding."""
-        return net(x_t, t, c, emb)
+        """Run `net` (the base network, or a copy carrying adapters) with `emb` added to its time embedding, on
+        `device`: the inputs go there and eps comes back (differentiably) to x_t's device. The small model's
+        convolutions are the only heavy work, so this one boundary is all a GPU needs."""
+        if self.device == "cpu":
+            return net(x_t, t, c, emb)
+        on = [None if v is None else v.to(self.device) for v in (x_t, t, c, emb)]
+        return net(*on).to(x_t.device)
 
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The pre-trained model as a Denoiser; it ignores cond.y (it has never seen a control)."""
-        return self.net(x_t, t, cond.c)
+        return self.call(self.net, x_t, t, cond.c)
 
     def decode(self, x: Tensor) -> Tensor:
         """Latents -> images in [0, 1] (here: the clamp every saved image undergoes)."""
@@ -65,8 +71,8 @@ def base_checkpoint(resolution: int) -> Path:
     return asset_path(f"base{resolution}.safetensors")
 
 
-def load_base(path: str | Path | None = None, resolution: int = 16) -> PixelBackend:
-    """Load a pre-trained base (default: the checkpoint shipped in the package for this resolution)."""
+def load_base(path: str | Path | None = None, resolution: int = 16, device: str = "cpu") -> PixelBackend:
+    """Load a pre-trained base (default: the checkpoint shipped in the package for this resolution) onto `device`."""
     path = Path(path) if path is not None else base_checkpoint(resolution)
     if not path.exists():
         raise CtrlDiffError(f"missing base checkpoint {path}; train one with `ctrldiff pretrain`")
@@ -77,4 +83,4 @@ def load_base(path: str | Path | None = None, resolution: int = 16) -> PixelBack
         raise CtrlDiffError(f"{path} was trained at resolution {meta['resolution']}, the config asks {resolution}")
     net = SmallUNet(**meta["model"])
     load_state(net, state, path)
-    return PixelBackend(net, Schedule.linear(), resolution)
+    return PixelBackend(net, Schedule.linear(), resolution, device)

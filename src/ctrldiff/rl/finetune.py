@@ -17,6 +17,7 @@ from ..contracts import Cond
 from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
 from ..sampling import sample
+from ..target import lookup
 from ..tasks.controls import Control
 from . import scale
 from .objective import ctrl_objective
@@ -97,7 +98,8 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
 
 
 def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None,
-             ckpt: Checkpointer | None = None, accelerator=None, init: ControlledDenoiser | None = None):
+             ckpt: Checkpointer | None = None, accelerator=None, init: ControlledDenoiser | None = None,
+             log_z: torch.Tensor | None = None):
     """Fine-tune a fresh augmented model by CTRL; returns (model, summary). ckpt: resume from / save to.
     accelerator: an accelerate.Accelerator for multi-GPU, mixed precision and accumulation (`rl/scale.py`).
 
@@ -105,7 +107,10 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     function removes the start-distribution bias (METHOD.md §4, docs/exactness.md).
     init: an augmented model (same controls, rank and final step) whose new parameters the fine-tune starts from
     instead of zero, e.g. one fine-tuned on a coarser, cheaper chain (docs/exactness.md, table 4b); it is copied,
-    not changed."""
+    not changed.
+    log_z: log Z(c, y) per request (`target.log_z_table`, shape (num_c, K_1, ...)): each step then logs
+    `gap` = log Z - J on its batch, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats, how far
+    the fine-tune is from the objective's optimum (negative only where the unregularised last step is the model's)."""
     rc, sc = cfg.rl, cfg.sampler
     if sc.eta < MIN_ETA:  # a denormal eta (4.7e-277, found by fuzzing) underflows the step noise to exactly 0
         raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta >= {MIN_ETA})")
@@ -137,6 +142,8 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         x = reward_input(backend, traj.x0)
         log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
         loss, stats = ctrl_objective(traj, log_probs, gammas, rc.kl)
+        if log_z is not None and rc.kl == "sum":  # the convergence meter: log Z - J on this batch
+            stats["gap"] = lookup(log_z, cond, controls).mean().item() + stats["loss"]
         # --- update the new parameters only
         scale.backward(loss, accelerator)
         grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)

@@ -1,0 +1,282 @@
+"""CTRL against its own target p_gamma on images (issue 14), in three parts, each writing its own doc section.
+
+    python benchmarks/target.py classifiers   # reward-classifier variants, measured by the target they give
+                                              #   -> docs/tuning.md, section classifiers (+ a reliability diagram)
+    python benchmarks/target.py final-step    # rl.final_step "model" vs "base" at gamma 10 / 30, seeds
+                                              #   -> docs/tuning.md, section final-step
+    python benchmarks/target.py main          # the default presets: base, target and CTRL side by side
+                                              #   -> docs/benchmarks.md, section target (+ heat maps)
+
+The target's numbers come from importance sampling over the cached bank of base samples (ctrldiff/target.py);
+every CTRL run is the product's own pipeline (fit_reward_terms -> run_finetune -> run_evaluate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _doc import ROOT, machine, write_section
+
+from ctrldiff import config as C
+from ctrldiff.classifier import evaluate_classifier, fit_classifier
+from ctrldiff.io import write_section as write_doc_section
+from ctrldiff.methods import build_method
+from ctrldiff.pipeline import (
+    backend_for,
+    base_pairs,
+    controls_of,
+    digit_oracle,
+    fit_reward_terms,
+    on_base_samples,
+    pairs_for,
+    real_features,
+    results_table,
+    run_evaluate,
+    run_finetune,
+    target_bank,
+)
+from ctrldiff.plots import plot_reliability
+from ctrldiff.rl import RewardTerm
+from ctrldiff.runs import Run
+from ctrldiff.target import target_metrics
+
+TUNING_MD = ROOT / "docs" / "tuning.md"
+FIGURES = ROOT / "docs" / "figures"
+
+# reward-classifier variants for compress4: (label, config overrides)
+OLD = ["classifier.base_pairs=0", "classifier.noise=0.1", "classifier.shift=1"]  # the defaults before issue 14
+VARIANTS = [
+    ("4k real pairs (old default)", OLD),
+    ("+ 20k base samples", [*OLD, "classifier.base_pairs=20000"]),
+    ("+ 20k, 30 epochs", [*OLD, "classifier.base_pairs=20000", "classifier.epochs=30"]),
+    ("+ 20k, width 64", [*OLD, "classifier.base_pairs=20000", "classifier.width=64"]),
+    ("+ 20k, no noise, shift 2 (new default)", []),
+    ("+ 50k base samples", [*OLD, "classifier.base_pairs=50000"]),
+]
+
+
+def _command(part: str, args: list[str]) -> str:
+    return " ".join(["python benchmarks/target.py", part, *args])
+
+
+# --- classifiers ------------------------------------------------------------------------------------------
+
+def part_classifiers(args) -> None:
+    t_start = time.time()
+    cfg0 = C.apply_overrides(C.default(), args.overrides)
+    backend, ctl = backend_for(cfg0), controls_of(cfg0)[0]
+    oracle = digit_oracle(cfg0.data.resolution)
+    real = real_features(cfg0, oracle)
+    bank = target_bank(cfg0, backend)
+    images = backend.decode(bank.flatten(0, 1))
+    labels = ctl.label(images)
+    rows, curves = [], {}
+    for label, overrides in VARIANTS[: args.limit]:
+        cfg = C.apply_overrides(cfg0, overrides)
+        t0 = time.time()
+        x, y = pairs_for(ctl, "train", cfg)
+        if cfg.classifier.base_pairs:
+            xb, yb = base_pairs(ctl, cfg, backend)
+            x, y = torch.cat([x, xb]), torch.cat([y, yb])
+        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name)
+        fit_s = time.time() - t0
+        x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
+        ho = evaluate_classifier(clf, x_ho, y_ho)
+        on_base = on_base_samples(clf, images, labels)
+        row = {"variant": label, "overrides": overrides, "pairs": len(x), "fit_seconds": fit_s,
+               "heldout_accuracy": ho["accuracy"], "heldout_ece": ho["ece_calibrated"],
+               "base_accuracy": on_base["accuracy"], "base_ece": on_base["ece_calibrated"],
+               "temperature": rep["temperature"]}
+        for gamma in args.gammas:
+            m, _, _ = target_metrics(backend, bank, [RewardTerm(ctl, clf, gamma)], [ctl], cfg.eval.per_class, oracle,
+                                     real, cfg.seed, cfg.target.min_ess)
+            row[f"g{gamma:g}"] = {"accuracy": m[ctl.name]["accuracy"], "fidelity": m["digit_fidelity"],
+                                  "fid": m["feature_fid"], "untrusted": m["untrusted_cells"], "min_ess": m["min_ess"]}
+        rows.append(row)
+        curves[label] = (on_base["logits"], labels)
+        print(json.dumps(row), flush=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    keep = [VARIANTS[0][0], rows[-1]["variant"] if args.best is None else VARIANTS[args.best][0]]
+    plot_reliability({f"{k}, base samples": curves[k] for k in dict.fromkeys(keep) if k in curves},
+                     FIGURES / "reliability-compress4.png", "compress4 reward classifier: reliability")
+    g = args.gammas
+    lines = ["## Raising the target: reward-classifier variants (compress4)\n",
+             (f"Produced by `{_command('classifiers', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{time.time() - t_start:.0f} s. Each variant is fitted once (seed 0) on the 4,000 real training pairs plus "
+              "the stated number of base samples labelled by the JPEG oracle (their own bank, seed 1), 20% held back "
+              "for the temperature. Held-out: the 1,000 real held-out digits. Base: the 20,000 fresh base samples "
+              "of the yardstick's bank (seed 0, never trained on). Target: p_gamma by importance sampling over that "
+              f"bank, {cfg0.eval.per_class} requests per class for its feature-FID; 'low ESS' = requests (c, y) with an "
+              f"effective sample size below {cfg0.target.min_ess:g} (of 40).\n"),
+             "| variant | pairs | fit s | held-out acc | held-out ECE | base acc | base ECE | "
+             + " | ".join(f"target γ={x:g}: acc / fidelity / FID / low ESS" for x in g) + " |",
+             "|---" * (7 + len(g)) + "|"]
+    for r in rows:
+        tg = " | ".join(f"{r[f'g{x:g}']['accuracy']:.3f} / {r[f'g{x:g}']['fidelity']:.3f} / {r[f'g{x:g}']['fid']:.1f} / "
+                        f"{r[f'g{x:g}']['untrusted']}" for x in g)
+        lines.append(f"| {r['variant']} | {r['pairs']} | {r['fit_seconds']:.0f} | {r['heldout_accuracy']:.3f} | "
+                     f"{r['heldout_ece']:.3f} | {r['base_accuracy']:.3f} | {r['base_ece']:.3f} | {tg} |")
+    lines.append("\nReliability on base samples (old default vs the kept variant): "
+                 "![reliability](figures/reliability-compress4.png)\n")
+    write_doc_section(TUNING_MD, "classifiers", "\n".join(lines))
+    print("\n".join(lines))
+
+
+# --- one CTRL task (subprocess, so that its peak memory is its own) ------------------------------------------
+
+def ctrl_task(preset: str, overrides: list[str], out: Path) -> dict:
+    """classifier -> CTRL -> evaluate with the target beside base and CTRL (the product's pipeline)."""
+    cfg = C.apply_overrides(C.preset(preset), overrides)
+    run = Run(out, cfg, overwrite=True)
+    t0 = time.time()
+    terms, reports = fit_reward_terms(cfg, run, progress=False)
+    t_clf = time.time() - t0
+    backend = backend_for(cfg)
+    model, summary = run_finetune(cfg, run, terms, backend, progress=False)
+    ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
+                        model=model.merge_lora())
+    results = run_evaluate(cfg, run, [ctrl], backend, progress=False, terms=terms)
+    gaps = [r["gap"] for r in run.records() if "gap" in r]
+    return {"preset": preset, "overrides": overrides, "config": cfg.to_dict(), "classifiers": reports,
+            "classifier_seconds": t_clf, "finetune_seconds": summary["seconds"], "results": results,
+            "table": results_table(results, controls_of(cfg)), "gap_curve": gaps, "run": str(out),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_tasks(jobs: list[tuple[str, list[str], Path]], parallel: int) -> list[dict]:
+    """Each job in its own process (one thread each when several run at once); results in job order."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1") if parallel > 1 else dict(os.environ)
+    procs, results = [], [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    while pending or procs:
+        while pending and len(procs) < parallel:
+            i, (preset, overrides, out) = pending.pop(0)
+            cmd = [sys.executable, __file__, "task", "--preset", preset, "--out", str(out)]
+            cmd += [x for o in overrides for x in ("--set", o)]
+            procs.append((i, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
+        i, p = procs.pop(0)
+        stdout, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"task {jobs[i]} failed with exit code {p.returncode}")
+        results[i] = json.loads(stdout.split("RESULT ", 1)[1])
+        print(f"done: {jobs[i][0]} {jobs[i][1]}", flush=True)
+    return results
+
+
+def gap_trend(gaps: list[float], parts: int = 5) -> str:
+    """The meter's mean over consecutive fifths of training: its trend in a few numbers."""
+    chunks = np.array_split(np.array(gaps), parts)
+    return " → ".join(f"{c.mean():.1f}" for c in chunks if len(c))
+
+
+# --- final step ---------------------------------------------------------------------------------------------
+
+def part_final_step(args) -> None:
+    t_start = time.time()
+    jobs = []
+    for preset in args.presets:
+        for gamma in args.gammas:
+            for final in ("model", "base"):
+                for seed in args.seeds:
+                    ctl = C.preset(preset).rl.controls
+                    controls = json.dumps({k: gamma for k in ctl})
+                    ov = [*args.overrides, f"rl.controls={controls}", f"rl.final_step={json.dumps(final)}",
+                          f"seed={seed}"]
+                    jobs.append((preset, ov, args.out / f"{preset}-g{gamma:g}-{final}-s{seed}"))
+    res = run_tasks(jobs, args.parallel)
+    lines = ["## The last step on images: `rl.final_step` \"model\" vs \"base\", measured\n",
+             (f"Produced by `{_command('final-step', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{(time.time() - t_start) / 60:.1f} min ({args.parallel} runs at a time, one thread each). Each row: one "
+              "whole pipeline (classifier fit, CTRL, evaluation with the target beside it) at the preset's settings "
+              "with the γ, final step and seed shown. acc = oracle accuracy (joint for the 2×2 task); target = p_γ "
+              "by importance sampling over the bank with the same run's classifiers. log Z − J is on the evaluation "
+              "samples (nats; ≥ 0 on the chain the KL sees; with \"model\" the last step is outside it).\n"),
+             ("| task | γ | final step | seed | acc | target acc | fidelity | target fidelity | FID | target FID | "
+              "path KL | log Z − J | meter over training |"), "|---" * 13 + "|"]
+    for (preset, ov, _), r in zip(jobs, res):
+        c, t = r["results"]["ctrl"], r["results"]["target"]
+        acc = (lambda m: m.get("joint_accuracy", next(iter(v["accuracy"] for k, v in m.items()
+                                                            if isinstance(v, dict) and "accuracy" in v))))
+        cfg = r["config"]
+        lines.append(f"| {preset} | {next(iter(cfg['rl']['controls'].values())):g} | {cfg['rl']['final_step']} | "
+                     f"{cfg['seed']} | {acc(c):.3f} | {acc(t):.3f} | {c['digit_fidelity']:.3f} | "
+                     f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
+                     f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
+    write_doc_section(TUNING_MD, "final-step", "\n".join(lines))
+    (args.out / "final-step.json").write_text(json.dumps(res, indent=1))
+    print("\n".join(lines))
+
+
+# --- main: the default presets ----------------------------------------------------------------------------
+
+def part_main(args) -> None:
+    t_start = time.time()
+    jobs = [(p, args.overrides, args.out / p) for p in args.presets]
+    res = run_tasks(jobs, args.parallel)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    doc = ["# CTRL against its target p_γ\n",
+           (f"Produced by `{_command('main', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; total "
+            f"{(time.time() - t_start) / 60:.1f} min. The target p_γ(x | c, y) ∝ Π_k p̂_k(y_k | x)^γ_k p_pre(x | c) "
+            "is estimated by self-normalised importance sampling over a cached bank of base samples (ctrldiff/"
+            "target.py) with the very classifiers CTRL was fine-tuned on; it is what CTRL's objective is "
+            "maximised by, so CTRL is judged against it first and against the oracle's ideal second.\n")]
+    for r in res:
+        cfg, c, name = r["config"], r["results"]["ctrl"], r["preset"]
+        for png in Path(r["run"]).glob("target-vs-*.png"):
+            shutil.copy(png, FIGURES / f"target-{name}-{png.name}")
+        rc = cfg["rl"]
+        doc += [f"## `{name}` ({' × '.join(rc['controls'])})\n",
+                (f"γ {rc['controls']}, final step {rc['final_step']}, {rc['steps']} steps × batch {rc['batch']}, "
+                 f"LoRA rank {rc['lora_rank']}, lr {rc['lr_lora']} / {rc['lr_emb']} ({rc['lr_schedule']}); reward "
+                 f"classifier: {cfg['classifier']['base_pairs']} base pairs + the real ones, width "
+                 f"{cfg['classifier']['width']}, {cfg['classifier']['epochs']} epochs (fit {r['classifier_seconds']:.0f} s); "
+                 f"bank {cfg['target']['per_c']} base samples per digit. CTRL fine-tuning {r['finetune_seconds']:.0f} s, "
+                 f"peak memory {r['peak_rss_gb']:.2f} GiB, sampling cost CTRL / base "
+                 f"{c['seconds_per_sample'] / r['results']['base']['seconds_per_sample']:.2f}.\n"),
+                r["table"],
+                f"log Z − J over training (mean of each fifth of the steps): {gap_trend(r['gap_curve'])} nats.\n",
+                f"![target vs CTRL per request](figures/target-{name}-target-vs-ctrl.png)\n"]
+    write_section("target", "\n".join(doc))
+    (args.out / "main.json").write_text(json.dumps(res, indent=1))
+    print("\n".join(doc))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["classifiers", "final-step", "main", "task"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--preset", default="default", help=argparse.SUPPRESS)  # part "task" (internal)
+    ap.add_argument("--presets", nargs="+", default=["default", "multi"])
+    ap.add_argument("--gammas", nargs="+", type=float, default=None)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--parallel", type=int, default=2, help="CTRL runs at a time (one thread each)")
+    ap.add_argument("--limit", type=int, default=None, help="classifiers: only the first N variants")
+    ap.add_argument("--best", type=int, default=None, help="classifiers: the variant the reliability plot shows")
+    args = ap.parse_args()
+    args.out = args.out or Path("runs") / f"bench-target-{args.part}"
+    if args.part == "task":
+        print("RESULT " + json.dumps(ctrl_task(args.preset, args.overrides, args.out)))
+    elif args.part == "classifiers":
+        args.gammas = args.gammas or [10.0, 30.0]
+        part_classifiers(args)
+    elif args.part == "final-step":
+        args.gammas = args.gammas or [10.0, 30.0]
+        part_final_step(args)
+    else:
+        part_main(args)
+
+
+if __name__ == "__main__":
+    main()
