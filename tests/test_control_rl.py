@@ -212,3 +212,15 @@ def test_finetune_starts_from_an_init_model_without_changing_it(tiny_backend):
     assert (cont.adapter_state()[emb] - fresh.adapter_state()[emb]).abs().max() > 1.5 * cfg.rl.lr_emb
     with pytest.raises(CtrlDiffError, match="does not match"):
         finetune(tiny_backend, [term], cfg, progress=False, init=ControlledDenoiser(tiny_backend, {"other": 2}))
+
+
+def test_monitor_every_zero_turns_the_monitor_off(tiny_backend):
+    """rl.monitor_every = 0: no monitoring batch at all (benchmarks/sd_scale.py times the step alone)."""
+    cfg = tiny()
+    cfg.rl.steps = 2
+    term = _brightness_task(tiny_backend, cfg)
+    for every, monitored in [(1, True), (0, False)]:
+        cfg.rl.monitor_every = every
+        logged = []
+        finetune(tiny_backend, [term], cfg, log=logged.append, progress=False)
+        assert [any(k.startswith("acc_") for k in s) for s in logged] == [monitored] * 2, every
