@@ -2,8 +2,9 @@
 on an SD pipeline built from the configs shipped in `assets/sd_<size>.json` with random weights. The shapes
 alone decide time and memory, so no download is needed.
 
-    python benchmarks/sd_scale.py --size sd15                 # a GPU: the sweep below; a CPU: one step at batch 1
+    python benchmarks/sd_scale.py --size sd15                 # a GPU: the sweep (GRIDS); a CPU: one step, batch 1
     python benchmarks/sd_scale.py --size tiny --docs DIR      # seconds (CI)
+    python benchmarks/sd_scale.py --from-json OUT/sd_scale.json   # the section from a run made elsewhere
 
 The components are wrapped as the SD backend exactly as `--model` wraps a pipeline folder (`wrap_sd`) and
 fine-tuned by `finetune` under accelerate as `ctrldiff finetune --model` does, with the `sd_compress4` preset
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ctrldiff import config as C
-from ctrldiff.io import write_json, write_section
+from ctrldiff.io import CtrlDiffError, read_json, write_json, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = [  # (sd.dtype of the frozen networks, sd.mixed_precision of the fine-tune)
@@ -54,7 +55,7 @@ def device_name(device: str) -> str:
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     from ctrldiff.bench import machine
 
-    return f"CPU only: {machine()}"
+    return f"CPU only: {machine()}, torch threads {torch.get_num_threads()}"
 
 
 class PeakMemory:
@@ -171,65 +172,88 @@ def table(rows: list[dict], memory: str) -> str:
                       *[fmt(r["result"], r["settings"]) for r in rows]])
 
 
-def document(args, rows: list[dict], base: C.Config, seconds: float) -> str:
-    memory = "GPU memory allocated" if args.device.startswith("cuda") else "RSS"
-    done = next((r["result"] for r in rows if "error" not in r["result"]), {})
-    command = "python benchmarks/sd_scale.py " + " ".join(sys.argv[1:])
+def document(record: dict) -> str:
+    """The sd_scale section of docs/benchmarks.md from a run's record (`<out>/sd_scale.json`)."""
+    r, memory = record, record["memory"]
+    done = next((row for row in r["rows"] if "error" not in row["result"]), None)
+    weights = (f"{done['result']['weights_gib']:.2f} GiB of frozen weights in {done['settings']['sd.dtype']}; "
+               f"{done['result']['resolution']} px") if done else "no row finished"
     return "\n".join([
-        f"# Stable Diffusion v1.5 shapes: time and memory per CTRL step (`--size {args.size}`)\n",
-        (f"Produced by `{command}` on {device_name(args.device)}, {time.strftime('%Y-%m-%d')}; total wall time "
-         f"{seconds:.0f} s. Every number below comes from that run.\n"),
-        (f"UNet, VAE and CLIP text encoder built from `src/ctrldiff/assets/sd_{args.size}.json` with random "
-         f"weights (the same time and memory as the real ones; {done.get('weights_gib', float('nan')):.2f} GiB of frozen "
-         f"weights in float32), wrapped as `--model` wraps a pipeline. Preset `sd_compress4`: DDIM "
-         f"{base.sampler.steps} steps, η {base.sampler.eta}, text CFG {base.sd.guidance}, LoRA rank "
-         f"{base.rl.lora_rank}, control {', '.join(base.rl.controls)}, "
-         f"{done.get('resolution', '?')} px; monitor off. A row's settings replace the preset's. "
-         f"Time: mean over {args.steps} CTRL step(s) after {args.warmup} warm-up step(s), then the same for "
-         f"sampling one image (DDIM chain with CFG + VAE decode, LoRA merged). Peak {memory}: of the row's own "
-         f"process during the steps (weights included), reset before sampling. \"Only adapters changed\": "
-         f"the frozen UNet, VAE and text encoder are bit-for-bit unchanged (a checksum per tensor) and every "
-         f"LoRA B factor and control embedding moved.\n"),
-        table(rows, memory)])
+        f"# Stable Diffusion v1.5 shapes: time and memory per CTRL step (`--size {r['size']}`)\n",
+        (f"Produced by `{r['command']}` on {r['device']}, {r['date']}; total wall time {r['seconds']:.0f} s. Every "
+         f"number below comes from that run.\n"),
+        (f"UNet, VAE and CLIP text encoder built from `src/ctrldiff/assets/sd_{r['size']}.json` with random "
+         f"weights (the same time and memory as the real ones; {weights}), wrapped as `--model` wraps a "
+         f"pipeline. Preset `sd_compress4` with `--set` {', '.join(f'`{o}`' for o in r['overrides']) or 'none'}: "
+         f"{r['preset']}; monitor off. "
+         f"A row's settings replace the preset's. Time: mean over {r['steps']} CTRL step(s) after {r['warmup']} "
+         f"warm-up step(s), then the same for sampling one image (DDIM chain with CFG + VAE decode, LoRA "
+         f"merged). Peak {memory}: of the row's own process during the steps (weights included), reset before "
+         f"sampling. \"Only adapters changed\": the frozen UNet, VAE and text encoder are bit-for-bit unchanged "
+         f"(a checksum per tensor) and every LoRA B factor and control embedding moved.\n"),
+        table(r["rows"], memory)])
+
+
+def write_doc(record: dict, docs: Path | None) -> None:
+    text = document(record)
+    if docs is not None:
+        write_section(docs / "benchmarks.md", "sd_scale", text)
+    print(text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "sd15"], default="sd15", help="the pipeline's shape")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the networks run (default: cuda if there is one, else cpu)")
     ap.add_argument("--grid", choices=sorted(GRIDS), help="rows (default: sweep on a GPU, one on a CPU): one = "
                     "batch 1; sweep = the preset, then one setting changed at a time; full = every combination")
     ap.add_argument("--steps", type=int, default=2, help="timed CTRL steps (and sampled images) per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps (and images) before them")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override of every row (e.g. sampler.steps=2), before the row's own")
-    ap.add_argument("--out", type=Path, default=Path("runs/sd-scale"))
+    ap.add_argument("--out", type=Path, default=Path("runs/sd-scale"), help="folder of sd_scale.json")
     ap.add_argument("--docs", type=Path, help="write the sd_scale section of DIR/benchmarks.md "
                     "(default: docs/ for --size sd15, nothing for tiny)")
+    ap.add_argument("--from-json", type=Path, metavar="FILE", help="no run: write the section from a run's "
+                    "sd_scale.json (e.g. one fetched from a GPU machine) into --docs (default: docs/)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row's overrides (JSON), print its result
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        run(args)
+    except CtrlDiffError as e:  # a bad --set or --from-json: one line, exit code 2, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args) -> None:
     if args.row:
         cfg = C.apply_overrides(C.sd_compress4(), json.loads(args.row))
         print("RESULT " + json.dumps(measure(args.size, cfg, args.warmup, args.steps, args.device)))
         return
+    if args.from_json:
+        write_doc(read_json(args.from_json), args.docs or ROOT / "docs")
+        return
     grid = GRIDS[args.grid or ("sweep" if args.device.startswith("cuda") else "one")]
     base = C.apply_overrides(C.sd_compress4(), args.overrides)  # a bad --set fails here, in one line
-    t0, rows = time.time(), []
+    record = {"size": args.size, "device": device_name(args.device), "steps": args.steps, "warmup": args.warmup,
+              "memory": "GPU memory allocated" if args.device.startswith("cuda") else "RSS",
+              "command": "python benchmarks/sd_scale.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "overrides": args.overrides, "rows": [],
+              "preset": (f"DDIM {base.sampler.steps} steps, η {base.sampler.eta}, text CFG {base.sd.guidance}, "
+                         f"LoRA rank {base.rl.lora_rank}, control(s) {', '.join(base.rl.controls)}")}
+    t0 = time.time()
     for diff in grid:
         overrides = args.overrides + [f"{k}={json.dumps(v)}" for k, v in diff.items()]
         cfg = C.apply_overrides(C.sd_compress4(), overrides)
         settings = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in COLUMNS}
-        rows.append({"settings": settings, "overrides": overrides, "result": run_row(args, overrides)})
-        print(fmt(rows[-1]["result"], settings), flush=True)
-        write_json(args.out / "sd_scale.json", {"size": args.size, "device": device_name(args.device),
-                                                 "steps": args.steps, "warmup": args.warmup, "rows": rows})
-    text = document(args, rows, base, time.time() - t0)
-    docs = args.docs or (ROOT / "docs" if args.size == "sd15" else None)
-    if docs is not None:
-        write_section(docs / "benchmarks.md", "sd_scale", text)
-    print(text)
+        record["rows"].append({"settings": settings, "overrides": overrides, "result": run_row(args, overrides)})
+        record["seconds"] = time.time() - t0
+        print(fmt(record["rows"][-1]["result"], settings), flush=True)
+        write_json(args.out / "sd_scale.json", record)
+    write_doc(record, args.docs or (ROOT / "docs" if args.size == "sd15" else None))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,10 @@ def test_tiny_benchmark_reports_time_memory_and_trains_only_adapters(tmp_path):
     assert r["frozen_unchanged"] and r["adapters_changed"]  # a step changed the adapters and nothing else
     text = (docs / "benchmarks.md").read_text()
     assert "kept" in text and "<!-- section:sd_scale -->" in text and "| 1 | float32 | no | true | random |" in text
+    # the same section from the run's JSON (a run made on another machine)
+    again = tmp_path / "again"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sd_scale.py"), "--from-json",
+           str(tmp_path / "out" / "sd_scale.json"), "--docs", str(again)]
+    assert subprocess.run(cmd, check=False, capture_output=True, timeout=120).returncode == 0
+    section = text[text.index("<!-- section:sd_scale -->"):]
+    assert (again / "benchmarks.md").read_text().endswith(section)
