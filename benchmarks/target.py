@@ -213,7 +213,7 @@ def part_final_step(args) -> None:
                      f"{cfg['seed']} | {acc(c):.3f} | {acc(t):.3f} | {c['digit_fidelity']:.3f} | "
                      f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
                      f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
-    write_doc_section(TUNING_MD, "final-step", "\n".join(lines))
+    write_doc_section(TUNING_MD, "final-step-" + "-".join(args.presets), "\n".join(lines))
     (args.out / "final-step.json").write_text(json.dumps(res, indent=1))
     print("\n".join(lines))
 

@@ -232,3 +232,15 @@ def test_finetune_with_final_step_base_never_lets_the_model_take_the_last_step(t
         cfg.rl.final_step, seen[:] = final, []
         finetune(tiny_backend, [_brightness_task(tiny_backend, cfg)], cfg, progress=False)
         assert seen and (last in seen) is called, (final, sorted(set(seen)))
+
+
+def test_monitor_every_zero_turns_the_monitor_off(tiny_backend):
+    """rl.monitor_every = 0: no monitoring batch at all (benchmarks/sd_scale.py times the step alone)."""
+    cfg = tiny()
+    cfg.rl.steps = 2
+    term = _brightness_task(tiny_backend, cfg)
+    for every, monitored in [(1, True), (0, False)]:
+        cfg.rl.monitor_every = every
+        logged = []
+        finetune(tiny_backend, [term], cfg, log=logged.append, progress=False)
+        assert [any(k.startswith("acc_") for k in s) for s in logged] == [monitored] * 2, every

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ctrldiff.backends.sd import load_sd
+from ctrldiff.backends.sd import build_sd_parts, load_sd
 from ctrldiff.checkpoint import Checkpointer
 from ctrldiff.classifier import Classifier
 from ctrldiff.cli import main
@@ -23,43 +23,14 @@ from ctrldiff.tasks.controls import get_control
 PROMPTS = ["cat", "dog", "cow"]
 
 
-def _tokenizer(folder):
-    """A byte-level CLIP tokenizer with no merges (every character a token), written locally."""
-    from transformers import CLIPTokenizer
-
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    """A tiny SD pipeline folder: UNet (32, 64) on 8x8 latents, VAE (32, 64) -> 16x16 RGB, a 2-layer CLIP."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A tiny SD pipeline folder built from the shipped config `sd_tiny.json` (UNet (32, 64) on 8x8 latents,
+    VAE (32, 64) -> 16x16 RGB, a 2-layer CLIP, a local tokenizer), saved as diffusers saves a pipeline."""
+    from diffusers import StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp("sd")
-    tok = _tokenizer(root / "vocab")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    n = len(tok)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=n - 2,
-                                        eos_token_id=n - 1, pad_token_id=n - 1))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
-                            safety_checker=None, feature_extractor=None,
+    StableDiffusionPipeline(**build_sd_parts("tiny", root / "vocab"), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(root / "pipe")
     return root / "pipe"
 
@@ -295,7 +266,7 @@ def test_cli_aesthetic_x_compressible_from_classifier_run(pipe_dir, clip_files, 
 
 SYNC_SCRIPT = """
 import json, sys, torch
-from ctrldiff.backends.sd import load_sd
+from ctrldiff.backends.sd import build_sd_parts, load_sd
 from ctrldiff.classifier import Classifier
 from ctrldiff.config import apply_overrides, sd_tiny
 from ctrldiff.models import SmallCNN

@@ -68,7 +68,7 @@ class RLConfig:
     clip: float = 5.0  # grad-norm clip
     truncate: int | str | None = "random"  # None (full), last-K steps (int) or "random" (official scheme)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
-    monitor_every: int = 25  # steps between evaluations of the independent monitor classifier
+    monitor_every: int = 25  # steps between evaluations of the independent monitor classifier; 0 = never
     checkpoint_every: int = 10  # steps between checkpoints (--resume; ~20 s of work at the default)
     kl: str = "sum"  # "sum" over dimensions (gamma is the exponent); "mean" = the official code's (gamma * d)
     final_step: str = "model"  # who takes the last, deterministic step: "base" closes a KL-free hack that the
@@ -303,7 +303,7 @@ LIMITS = {
     "classifier.val_frac": (0.01, 0.99), "classifier.noise": (0, None), "classifier.shift": (0, 8),
     "classifier.checkpoint_every": (1, None), "classifier.width": (8, 512), "classifier.base_pairs": (0, None),
     "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, 10),
-    "rl.lr_emb": (0, 10), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (1, None),
+    "rl.lr_emb": (0, 10), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (0, None),
     "rl.checkpoint_every": (1, None),
     "triplets.steps": (1, None), "triplets.batch": (1, None), "triplets.lora_rank": (0, None),
     "triplets.lr_lora": (0, 10), "triplets.lr_emb": (0, 10), "triplets.weight_decay": (0, None),

@@ -10,6 +10,7 @@ drawn from a CPU generator: reproducible on any card); the networks run on `back
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,19 +184,18 @@ def _check_folder(path: Path) -> None:
 def load_sd(path: str | Path, prompts: list[str] | None = None, guidance: float = 7.5,
             resolution: int | None = None, device: str | torch.device = "cpu",
             dtype: str = "float32") -> SDBackend:
-    """Load the parts of a local diffusers pipeline folder (never a download; safetensors only, no pickle).
+    """Load the parts of a local diffusers pipeline folder (never a download; safetensors only, no pickle)
+    and wrap them (`wrap_sd`).
 
     resolution: image side in pixels (default: the UNet's `sample_size` x the VAE's scale, 512 for SD v1.5).
     dtype: of the frozen networks ("float16" halves their memory on a GPU; the trained parameters stay fp32).
     """
     path = Path(path)
     _check_folder(path)
-    if dtype not in DTYPES:
-        raise CtrlDiffError(f"sd.dtype={dtype!r}; choose from {sorted(DTYPES)}")
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    kw = {"local_files_only": True, "use_safetensors": True, "torch_dtype": DTYPES[dtype]}
+    kw = {"local_files_only": True, "use_safetensors": True, "torch_dtype": _dtype(dtype)}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
@@ -205,12 +205,29 @@ def load_sd(path: str | Path, prompts: list[str] | None = None, guidance: float 
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CtrlDiffError(f"cannot load the pipeline in {path}: {first}") from None
+    return wrap_sd(unet, vae, text_encoder, tokenizer, scheduler, prompts, guidance, resolution, device, dtype,
+                   name=str(path))
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CtrlDiffError(f"sd.dtype={name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def wrap_sd(unet, vae, text_encoder, tokenizer, scheduler, prompts: list[str] | None = None,
+            guidance: float = 7.5, resolution: int | None = None, device: str | torch.device = "cpu",
+            dtype: str = "float32", name: str = "the pipeline") -> SDBackend:
+    """The SD backend on pipeline parts, loaded from a folder (`load_sd`) or built in memory (`build_sd_parts`):
+    the networks in `dtype` on `device`, the noise schedule from the scheduler's betas."""
     if scheduler.config.prediction_type != "epsilon":
-        raise CtrlDiffError(f"{path}: prediction_type={scheduler.config.prediction_type!r}; only epsilon-"
+        raise CtrlDiffError(f"{name}: prediction_type={scheduler.config.prediction_type!r}; only epsilon-"
                             "prediction models (SD v1.x) are supported")
-    # abar_t in float64 from the pipeline's own betas (SD: "scaled_linear", 0.00085..0.012)
-    schedule = Schedule(torch.cumprod(1 - scheduler.betas.double(), 0))
-    backend = SDBackend(unet, vae, text_encoder, tokenizer, schedule, prompts or read_prompts(), guidance)
+    # abar_t in float64 from the pipeline's own betas (SD: "scaled_linear", 0.00085..0.012), on the CPU with the
+    # chain's state (a scheduler built under `torch.device("cuda")` holds its betas there)
+    schedule = Schedule(torch.cumprod(1 - scheduler.betas.double().cpu(), 0))
+    nets = [m.to(dtype=_dtype(dtype)) for m in (unet, vae, text_encoder)]
+    backend = SDBackend(*nets, tokenizer, schedule, prompts or read_prompts(), guidance)
     if resolution is not None:
         if resolution % backend.vae_scale:
             raise CtrlDiffError(f"sd.resolution={resolution} is not a multiple of the VAE's scale {backend.vae_scale}")
@@ -218,6 +235,48 @@ def load_sd(path: str | Path, prompts: list[str] | None = None, guidance: float 
     else:
         backend.latent_size = unet.config.sample_size
     return backend.to(device)
+
+
+# --- SD-shaped pipelines from configs shipped in assets/ (random weights, no download): tests, benchmarks ----
+
+SHAPES = ("tiny", "sd15")  # assets/sd_<shape>.json: a tiny pipeline (tests) and SD v1.5's architecture
+
+
+def shape_configs(shape: str) -> dict:
+    """The configs (unet, vae, text_encoder, scheduler) of a pipeline shape, as diffusers/transformers read them."""
+    if shape not in SHAPES:
+        raise CtrlDiffError(f"SD shape {shape!r}; choose from {list(SHAPES)}")
+    return json.loads(asset_path(f"sd_{shape}.json").read_text())
+
+
+def local_tokenizer(folder: str | Path):
+    """A byte-level CLIP tokenizer with no merges (every character a token; 514 tokens), written into `folder`.
+    The text encoder pads every prompt to 77 tokens, so its cost does not depend on the vocabulary."""
+    from transformers import CLIPTokenizer
+
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_sd_parts(shape: str, tokenizer_folder: str | Path, seed: int = 0) -> dict:
+    """unet, vae, text_encoder (random weights, seeded; built on torch's default device, so under
+    `torch.device("meta")` nothing is allocated), tokenizer (`local_tokenizer`) and scheduler of a shape."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = shape_configs(shape)
+    tok = local_tokenizer(tokenizer_folder)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(seed)
+    return {"unet": UNet2DConditionModel.from_config(cfg["unet"]), "vae": AutoencoderKL.from_config(cfg["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **ids)), "tokenizer": tok,
+            "scheduler": DDIMScheduler.from_config(cfg["scheduler"])}
 
 
 # --- the aesthetic control: an MLP on CLIP image features (the paper's aesthetic classifier) ----------------

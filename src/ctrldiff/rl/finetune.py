@@ -153,7 +153,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
         # --- maintenance: monitor with the oracle and an independent classifier
         stats.update(step=step, grad_norm=grad_norm, seconds=ckpt.seconds())
-        if step % rc.monitor_every == 0 or step == rc.steps - 1:
+        if rc.monitor_every and (step % rc.monitor_every == 0 or step == rc.steps - 1):
             model.eval()
             stats.update(monitor(model, backend, terms, cfg))
             model.train()
