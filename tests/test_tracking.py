@@ -124,7 +124,7 @@ print("none:", trackers())
 assert main([*FINETUNE, "--report-to", "tensorboard", "--out", {str(tmp_path / "tb")!r}]) == 0
 print("tensorboard:", "tensorboard" in trackers(), "torch.utils.tensorboard" in trackers())
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("none:", "tensorboard:"))]
     assert lines == ["none: []", "tensorboard: True True"]

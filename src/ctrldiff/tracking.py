@@ -78,6 +78,7 @@ class Tracker:
         self.folder, self.report_to, self.config, self.logged = folder, report_to, config, logged
         self.names = trackers_for(report_to)
         self.trackers: list | None = None  # opened at the first record
+        self.axes: dict[str, str] = {}  # wandb: each tag's step axis
 
     def log(self, record: dict) -> None:
         """Send the record's numbers (tags prefixed by its loop, e.g. `monitor-compress4/loss`) at its step."""
@@ -87,26 +88,45 @@ class Tracker:
         values = {f"{loop}/{k}" if loop else k: v for k, v in record.items()
                   if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for t in self._open():
-            t.log(values, step=step)
+            if t.name == "wandb":
+                t.log({**values, self._axis(t.tracker, values, loop): step})
+            else:
+                t.log(values, step=step)
 
     def log_image(self, name: str, image: np.ndarray, step: int, loop: str | None = None) -> None:
         """One image (H, W, C uint8) at a step of a loop (the key of the record logged with it)."""
         if (loop, step) in self.logged:
             return
+        plain = image[..., 0] if image.shape[-1] == 1 else image  # (H, W) for grey: what wandb and MLflow take
         for t in self._open():
-            if t.name == "mlflow":  # accelerate's MLflow tracker has no log_images
+            if t.name == "tensorboard":
+                t.log_images({name: image[None]}, step=step, dataformats="NHWC")
+            elif t.name == "wandb":
+                import wandb
+
+                t.tracker.log({name: wandb.Image(plain), self._axis(t.tracker, [name], loop): step})
+            else:  # accelerate's MLflow tracker has no log_images
                 import mlflow
 
-                mlflow.log_image(image, key=name, step=step)
-            elif t.name == "tensorboard":
-                t.log_images({name: image[None]}, step=step, dataformats="NHWC")
-            else:
-                t.log_images({name: [image]}, step=step)
+                mlflow.log_image(plain, key=name, step=step)
+
+    def _axis(self, run, tags, loop: str | None) -> str:
+        """wandb keeps one step counter that only grows, and a run's loops each count from 0: each tag is plotted
+        against its loop's own step instead (`step`, or `<loop>/epoch` for a classifier)."""
+        axis = f"{loop}/epoch" if loop else "step"
+        for tag in tags:
+            if tag not in self.axes:
+                run.define_metric(tag, step_metric=axis)
+                self.axes[tag] = axis
+        return axis
 
     def _open(self) -> list:
         if self.trackers is not None:
             return self.trackers
+        from accelerate import PartialState
         from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+        PartialState()  # what an Accelerator sets up: the trackers ask it which process is the main one
 
         path = self.folder / STATE
         state = read_json(path) if path.exists() else {}
