@@ -70,6 +70,9 @@ def hparams(config: dict) -> dict:
     return flat
 
 
+_active = None  # the Tracker whose trackers are open
+
+
 class Tracker:
     """The experiment trackers of one run folder."""
 
@@ -121,8 +124,12 @@ class Tracker:
         return axis
 
     def _open(self) -> list:
+        global _active
         if self.trackers is not None:
             return self.trackers
+        if _active is not None:  # wandb's and MLflow's active run is one per process: finish the previous run's
+            _active.close()
+        _active = self
         from accelerate import PartialState
         from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
@@ -155,7 +162,10 @@ class Tracker:
 
     def close(self) -> None:
         """Finish every tracker (flush and close its files); a later record opens them again."""
+        global _active
         for t in self.trackers or []:
             t.finish()
         self.trackers = None
+        if _active is self:
+            _active = None
         atexit.unregister(self.close)
