@@ -60,7 +60,7 @@ def record_key(record: dict) -> tuple:
 
 
 def hparams(config: dict) -> dict:
-    """The resolved config as a flat table of dotted keys (`rl.gamma`); a list, dict or null becomes its JSON
+    """The resolved config as a flat table of dotted keys (`rl.lr_emb`); a list, dict or null becomes its JSON
     text, which every tracker's hyper-parameter table accepts."""
     flat = {}
     for section, value in config.items():
@@ -96,9 +96,9 @@ class Tracker:
             else:
                 t.log(values, step=step)
 
-    def log_image(self, name: str, image: np.ndarray, step: int, loop: str | None = None) -> None:
-        """One image (H, W, C uint8) at a step of a loop (the key of the record logged with it)."""
-        if (loop, step) in self.logged:
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """One image (H, W, C uint8) at a fine-tuning step (sent once, like that step's record)."""
+        if (None, step) in self.logged:
             return
         plain = image[..., 0] if image.shape[-1] == 1 else image  # (H, W) for grey: what wandb and MLflow take
         for t in self._open():
@@ -107,7 +107,7 @@ class Tracker:
             elif t.name == "wandb":
                 import wandb
 
-                t.tracker.log({name: wandb.Image(plain), self._axis(t.tracker, [name], loop): step})
+                t.tracker.log({name: wandb.Image(plain), self._axis(t.tracker, [name], None): step})
             else:  # accelerate's MLflow tracker has no log_images
                 import mlflow
 
@@ -124,39 +124,26 @@ class Tracker:
         return axis
 
     def _open(self) -> list:
+        """Start the trackers once, continuing the run's own tracker runs (their ids are in tracking.json)."""
         global _active
         if self.trackers is not None:
             return self.trackers
         if _active is not None:  # wandb's and MLflow's active run is one per process: finish the previous run's
             _active.close()
-        _active = self
         from accelerate import PartialState
-        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
         PartialState()  # what an Accelerator sets up: the trackers ask it which process is the main one
-
         path = self.folder / STATE
-        state = read_json(path) if path.exists() else {}
-        opened = state.get("opened", {})
+        opened = read_json(path)["opened"] if path.exists() else {}
         self.trackers = []
         for name in self.names:
-            ids = opened.get(name)  # set: the run's tracker run is continued
-            if name == "tensorboard":  # runs/<name>/tensorboard/: `tensorboard --logdir runs` shows every run
-                t, ids = TensorBoardTracker("tensorboard", self.folder), ids or {}
-            elif name == "wandb":  # offline unless the user set WANDB_MODE: nothing is sent, nothing prompts
-                ids = ids or {"id": uuid.uuid4().hex[:12]}
-                t = WandBTracker(PROJECT, name=self.folder.name, id=ids["id"], resume="allow", dir=str(self.folder),
-                                 mode=os.environ.get("WANDB_MODE", "offline"))
-            else:  # MLflow's own tracking URI (MLFLOW_TRACKING_URI; default a local store)
-                t = MLflowTracker(PROJECT, run_id=(ids or {}).get("run_id"), run_name=self.folder.name)
-            t.start()
-            if name not in opened:  # a continued run has its hyper-parameters already
+            t, ids = _start(name, self.folder, opened.get(name))
+            if name not in opened:  # a continued tracker run has its hyper-parameters already
                 t.store_init_configuration(hparams(self.config))
-            if name == "mlflow":
-                ids = {"run_id": t.tracker.info.run_id}
             opened[name] = ids
             self.trackers.append(t)
         write_json(path, {"report_to": self.report_to, "opened": opened})
+        _active = self
         atexit.register(self.close)
         return self.trackers
 
@@ -165,7 +152,24 @@ class Tracker:
         global _active
         for t in self.trackers or []:
             t.finish()
-        self.trackers = None
+        self.trackers, self.axes = None, {}
         if _active is self:
             _active = None
         atexit.unregister(self.close)
+
+
+def _start(name: str, folder: Path, ids: dict | None):
+    """accelerate's tracker `name` for a run folder, started: a new tracker run (ids None) or the one `ids`
+    names. Returns it and the ids that continue it."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    if name == "tensorboard":  # <run>/tensorboard/: `tensorboard --logdir runs` shows each run folder as a run
+        t = TensorBoardTracker("tensorboard", folder)
+    elif name == "wandb":  # offline unless the user set WANDB_MODE: nothing is sent, nothing prompts
+        ids = ids or {"id": uuid.uuid4().hex[:12]}
+        t = WandBTracker(PROJECT, name=str(folder), id=ids["id"], resume="allow", dir=str(folder),
+                         mode=os.environ.get("WANDB_MODE", "offline"))
+    else:  # to MLflow's tracking URI (MLFLOW_TRACKING_URI; by default a local store)
+        t = MLflowTracker(PROJECT, run_id=(ids or {}).get("run_id"), run_name=str(folder))
+    t.start()
+    return t, {"run_id": t.tracker.info.run_id} if name == "mlflow" else ids or {}
