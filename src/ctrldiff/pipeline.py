@@ -147,13 +147,20 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
     return model, summary
 
 
-def monitor_grid(run: Run | None):
+def monitor_grid(run: Run | None, cell: int = 48):
     """The fine-tune's `log_images`: the monitoring batch as a grid (rows = y, columns = c) to the run's
-    experiment trackers (None without one)."""
+    experiment trackers (None without one); each cell about `cell` pixels (digits enlarged, SD's shrunk)."""
     if run is None or run.tracker is None:
         return None
     controls = controls_of(run.cfg)
-    return lambda step, images, cond: run.log_image("samples", grid_image(*grid_of(images, cond, controls)), step)
+
+    def log(step: int, images: torch.Tensor, cond) -> None:
+        if images.shape[-1] > cell:
+            images = torch.nn.functional.interpolate(images, size=cell, mode="area")
+        grid = grid_image(*grid_of(images, cond, controls), scale=max(1, cell // images.shape[-1]))
+        run.log_image("samples", grid, step)
+
+    return log
 
 
 def real_features(cfg: Config, oracle: Classifier):
