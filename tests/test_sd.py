@@ -216,8 +216,13 @@ def test_cli_finetune_then_sample(pipe_dir, tmp_path, capsys):
     prompts.write_text("cat\n\ndog\n")
     run = tmp_path / "ft"
     args = ["--model", str(pipe_dir), "--prompts", str(prompts), "--preset", "sd_tiny"]
-    assert main(["finetune", *args, "--out", str(run)]) == 0
+    assert main(["finetune", *args, "--report-to", "tensorboard", "--out", str(run)]) == 0
     assert (run / "ctrl.safetensors").is_file() and (run / "classifier-jpeg4.safetensors").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()  # the fine-tune's numbers and its monitoring grid reached the tracker
+    assert "reward" in events.Tags()["scalars"] and [e.step for e in events.Images("samples")] == [0]
     assert json.loads((run / "config.json").read_text())["sd"]["model"] == str(pipe_dir)
     assert main(["sample", *args, "--ckpt", str(run / "ctrl.safetensors"), "--y", "jpeg4=0", "--c", "1",
                  "-n", "2", "--out", str(tmp_path / "s")]) == 0

@@ -41,6 +41,7 @@ from .pipeline import (
 )
 from .plots import save_grid
 from .runs import Run
+from .tracking import trackers_for
 
 GRID: dict[str, dict[str, list]] = {  # each method's knob grid (the other knobs at their defaults)
     "base": {},
@@ -98,15 +99,16 @@ def task_config(size: BenchSize, controls: dict, seed: int, **overrides) -> C.Co
     return cfg
 
 
-def prepare(cfg: C.Config, root: Path, progress: bool = False, seconds: dict | None = None) -> dict:
+def prepare(cfg: C.Config, root: Path, progress: bool = False, seconds: dict | None = None,
+            report_to: str = "none") -> dict:
     """Classifiers (reward, monitor, noise-aware), CTRL and CFG for one config, under root; the wall time of
-    each stage goes into `seconds` if given."""
+    each stage goes into `seconds` if given; each run reports to the `report_to` experiment trackers."""
     backend, t0, times = backend_for(cfg), time.time(), {}
-    terms, _ = fit_reward_terms(cfg, Run(root / "classifiers", cfg, overwrite=True), progress, noisy=True)
+    terms, _ = fit_reward_terms(cfg, Run(root / "classifiers", cfg, True, report_to=report_to), progress, noisy=True)
     times["classifiers (reward, monitor, noise-aware)"], t0 = time.time() - t0, time.time()
-    run_finetune(cfg, Run(root / "ctrl", cfg, overwrite=True), terms, backend, progress)
+    run_finetune(cfg, Run(root / "ctrl", cfg, True, report_to=report_to), terms, backend, progress)
     times["CTRL fine-tuning"], t0 = time.time() - t0, time.time()
-    run_cfg_finetune(cfg, Run(root / "cfg", cfg, overwrite=True), backend, progress)
+    run_cfg_finetune(cfg, Run(root / "cfg", cfg, True, report_to=report_to), backend, progress)
     times["CFG on triplets"] = time.time() - t0
     if seconds is not None:
         seconds.update(times)
@@ -133,7 +135,7 @@ def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
     for seed in size.seeds if task == "compress4" else size.multi_seeds:
         cfg = task_config(size, TASKS[task], seed)
         bar.set_postfix_str(f"{task} seed {seed}: classifiers, CTRL, CFG")
-        paths = prepare(cfg, out / task / f"seed{seed}")
+        paths = prepare(cfg, out / task / f"seed{seed}", report_to=env["report_to"])
         if not best:  # the grid search, once
             tune_cfg = copy.deepcopy(cfg)
             tune_cfg.eval.per_class = size.tune_per_class
@@ -163,7 +165,7 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, cfg_w: float, bar) 
     for n in size.pairs:
         bar.set_postfix_str(f"sample efficiency N={n}")
         cfg = task_config(size, TASKS["compress4"], size.seeds[0], data__pairs=n, triplets__n=n)
-        paths = prepare(cfg, out / "efficiency" / f"n{n}")
+        paths = prepare(cfg, out / "efficiency" / f"n{n}", report_to=env["report_to"])
         result["ctrl"][n] = measure(cfg, paths, "ctrl", {}, env, cfg.seed)[0]["compress4"]["accuracy"]
         result["cfg"][n] = measure(cfg, paths, "cfg", {"w": cfg_w}, env, cfg.seed)[0]["compress4"]["accuracy"]
         bar.update()
@@ -179,7 +181,7 @@ def gamma_sweep(size: BenchSize, out: Path, env: dict, bar) -> dict:
         cfg = task_config(size, {"compress4": gamma}, size.seeds[0])
         ckpt = classifiers.parent / "ctrl" / "ctrl.safetensors"  # the main table's model is gamma = 10
         if gamma != TASKS["compress4"]["compress4"]:
-            run = Run(out / "gamma" / f"g{gamma:g}", cfg, overwrite=True)
+            run = Run(out / "gamma" / f"g{gamma:g}", cfg, overwrite=True, report_to=env["report_to"])
             run_finetune(cfg, run, load_reward_terms(cfg, classifiers), env["backend"], progress=False)
             ckpt = run.path("ctrl.safetensors")
         m = measure(cfg, {"classifiers": classifiers, "ctrl": ckpt}, "ctrl", {}, env, cfg.seed)[0]
@@ -190,15 +192,18 @@ def gamma_sweep(size: BenchSize, out: Path, env: dict, bar) -> dict:
 
 
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
-              progress: bool = True) -> dict:
-    """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures."""
+              progress: bool = True, report_to: str = "none") -> dict:
+    """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
+    report_to: every training run (classifiers, CTRL, CFG, the gamma sweep) also logs to these trackers."""
+    if report_to != "none":
+        trackers_for(report_to)  # fail before any work
     size = SIZES[size_name]
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
     t0 = time.time()
     cfg = C.preset(size.preset)
     backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
-    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle)}
+    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to}
     total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) + len(size.gammas)
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
         tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}

@@ -51,6 +51,14 @@ def _sd_overrides(args) -> list[str]:
     return [f"{k}={json.dumps(str(v))}" for k, v in pairs if v is not None]
 
 
+def _report(p: argparse.ArgumentParser) -> None:
+    from .tracking import REPORT_TO
+
+    p.add_argument("--report-to", choices=REPORT_TO, default=None,
+                   help="also log the metrics, the config and sample grids to an experiment tracker (an optional "
+                        "extra: pip install 'ctrldiff[tensorboard]'); default none, or with --resume the run's own")
+
+
 def _resume(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint (same --preset/--set, or none)")
@@ -79,10 +87,10 @@ def _run(args, command: str, cfg: C.Config):
     from .runs import Run
 
     if getattr(args, "resume", None) is None:
-        return Run(_out(args, command), cfg, args.overwrite)
+        return Run(_out(args, command), cfg, args.overwrite, report_to=args.report_to)
     if args.out is not None or args.overwrite:
         raise CtrlDiffError("--resume continues a run in its own folder; drop --out and --overwrite")
-    return Run(args.resume, cfg, resume=True)
+    return Run(args.resume, cfg, resume=True, report_to=args.report_to)
 
 
 def cmd_pretrain(args) -> None:
@@ -306,7 +314,7 @@ def cmd_bench(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CtrlDiffError(f"run folder {out} already exists; pass --overwrite or choose another --out")
     docs = args.docs or out / "docs"
-    results = run_bench("quick" if args.quick else "full", out, docs)
+    results = run_bench("quick" if args.quick else "full", out, docs, report_to=args.report_to or "none")
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
 
@@ -330,11 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the class-conditional base p_pre(x|c) and the digit oracle")
     _common(p)
     _resume(p)
+    _report(p)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("classifier", help="fit and calibrate p̂(y|x) on pairs for each control (+ a monitor)")
     _common(p)
     _resume(p)
+    _report(p)
     _sd(p)
     p.set_defaults(fn=cmd_classifier)
 
@@ -345,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifiers", type=Path, help="a `ctrldiff classifier` run folder (default: fit them here)")
     p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped for the resolution)")
     _resume(p)
+    _report(p)
     _sd(p)
     p.set_defaults(fn=cmd_finetune)
 
@@ -377,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
+    _report(p)
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")

@@ -22,7 +22,7 @@ from .evaluate import evaluate, features
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
-from .plots import plot_cells, plot_curves, save_grid
+from .plots import grid_image, plot_cells, plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
@@ -53,14 +53,19 @@ def fit_digit_oracle(cfg: Config, progress: bool = True, run: Run | None = None)
     """Train the evaluation digit classifier on the training split; report it on the held-out digits."""
     tr = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
     ho = load_digits("heldout", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
-    clf, report = fit_classifier(tr.x, tr.c, NUM_DIGITS, cfg.classifier, cfg.seed, "digits", progress=progress,
-                                 ckpt=_checkpointer(run, "digits", cfg.classifier.checkpoint_every))
+    clf, report = fit_classifier(tr.x, tr.c, NUM_DIGITS, cfg.classifier, cfg.seed, "digits", _log(run, "digits"),
+                                 progress, _checkpointer(run, "digits", cfg.classifier.checkpoint_every))
     report["heldout"] = evaluate_classifier(clf, ho.x, ho.c)
     return clf, report
 
 
 def _checkpointer(run: Run | None, name: str, every: int):
     return run.checkpointer(name, every) if run is not None else None
+
+
+def _log(run: Run | None, loop: str):
+    """A classifier's records to the run, named by its loop (a reward and a monitor classifier share a name)."""
+    return None if run is None else lambda record: run.log({**record, "classifier": loop})
 
 
 def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +106,13 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
             x, y = torch.cat([x, xb]), torch.cat([y, yb])
         x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
         every = cfg.classifier.checkpoint_every
-        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress,
-                                  ckpt=_checkpointer(run, f"classifier-{ctl.name}", every))
+        clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name,
+                                  _log(run, f"classifier-{ctl.name}"), progress,
+                                  _checkpointer(run, f"classifier-{ctl.name}", every))
         rep["heldout"] = evaluate_classifier(clf, x_ho, y_ho)
         mon, mrep = fit_classifier(x_ho, y_ho, ctl.num_classes, cfg.classifier, cfg.seed + 1, ctl.name,
-                                   progress=progress, ckpt=_checkpointer(run, f"monitor-{ctl.name}", every))
+                                   _log(run, f"monitor-{ctl.name}"), progress,
+                                   _checkpointer(run, f"monitor-{ctl.name}", every))
         rep["monitor"] = {"pairs": mrep["pairs"], "accuracy_on_train_pairs": evaluate_classifier(mon, x, y)["accuracy"]}
         terms.append(RewardTerm(ctl, clf, cfg.rl.controls[ctl.name], mon))
         reports[ctl.name] = rep
@@ -185,7 +192,8 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
     nats to the objective's optimum)."""
     log_z = log_z_of(cfg, terms, backend, progress) if cfg.target.meter else None
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress,
-                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z)
+                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z,
+                              log_images=monitor_grid(run))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "gammas": cfg.rl.controls, "summary": summary["seconds"]})
     records = run.records()
@@ -196,6 +204,22 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
         panels["log Z - J (nats to the optimum)"] = ["gap"]
     plot_curves(records, panels, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
     return model, summary
+
+
+def monitor_grid(run: Run | None, cell: int = 48):
+    """The fine-tune's `log_images`: the monitoring batch as a grid (rows = y, columns = c) to the run's
+    experiment trackers (None without one); each cell about `cell` pixels (digits enlarged, SD's shrunk)."""
+    if run is None or run.tracker is None:
+        return None
+    controls = controls_of(run.cfg)
+
+    def log(step: int, images: torch.Tensor, cond) -> None:
+        if images.shape[-1] > cell:
+            images = torch.nn.functional.interpolate(images, size=cell, mode="area")
+        grid = grid_image(*grid_of(images, cond, controls), scale=max(1, cell // images.shape[-1]))
+        run.log_image("samples", grid, step)
+
+    return log
 
 
 def real_features(cfg: Config, oracle: Classifier):

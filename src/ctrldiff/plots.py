@@ -11,10 +11,9 @@ import torch
 from .io import atomic_path
 
 
-def save_grid(images: torch.Tensor, rows: int, cols: int, path: str | Path, scale: int = 3, pad: int = 1) -> None:
-    """images (rows*cols, C, H, W) in [0, 1], row-major, as one PNG (white padding between cells)."""
-    from PIL import Image
-
+def grid_image(images: torch.Tensor, rows: int, cols: int, scale: int = 3, pad: int = 1) -> np.ndarray:
+    """images (rows*cols, C, H, W) in [0, 1], row-major, as one (H', W', C) uint8 array (white padding between
+    cells, each pixel repeated `scale` times)."""
     n, ch, h, w = images.shape
     if n != rows * cols:
         raise ValueError(f"{n} images do not fill a {rows}x{cols} grid")
@@ -23,10 +22,16 @@ def save_grid(images: torch.Tensor, rows: int, cols: int, path: str | Path, scal
     for i, im in enumerate(arr):
         r, c = divmod(i, cols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
-    img = Image.fromarray(grid[..., 0] if ch == 1 else grid)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_grid(images: torch.Tensor, rows: int, cols: int, path: str | Path, scale: int = 3, pad: int = 1) -> None:
+    """The grid of `grid_image` as one PNG."""
+    from PIL import Image
+
+    grid = grid_image(images, rows, cols, scale, pad)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
 
 
 def plot_curves(records: list[dict], panels: dict[str, list[str]], path: str | Path, title: str = "") -> None:

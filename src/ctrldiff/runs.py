@@ -12,12 +12,16 @@ from .io import CtrlDiffError, read_json, write_json
 
 
 class Run:
-    def __init__(self, root: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False):
-        """resume: continue the run in `root` (its config must equal cfg); its checkpoints say where."""
-        self.dir, self.cfg = Path(root), cfg
+    def __init__(self, root: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,
+                 report_to: str | None = None):
+        """resume: continue the run in `root` (its config must equal cfg); its checkpoints say where.
+        report_to: experiment trackers fed beside metrics.jsonl (`tracking.py`); None: none, or the run's own."""
+        self.dir, self.cfg, self.tracker = Path(root), cfg, None
         if resume:
             self._check_resumable()
+            self._track(report_to, resume=True)
             return
+        self._track(report_to, resume=False)  # a tracker that is not installed fails before the folder is touched
         if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
             raise CtrlDiffError(f"run folder {self.dir} already exists; pass --overwrite or choose another --out")
         if overwrite and self.dir.exists():
@@ -33,6 +37,18 @@ class Run:
             raise CtrlDiffError(f"--resume {self.dir}: the config differs from the run's at {key}; "
                                 f"pass the run's --preset and --set (or none to reuse them)")
 
+    def _track(self, report_to: str | None, resume: bool) -> None:
+        if resume and report_to is None:
+            from .tracking import reported_to
+
+            report_to = reported_to(self.dir)
+        if report_to in (None, "none"):  # no tracker module is imported
+            return
+        from .tracking import Tracker, record_key
+
+        logged = {record_key(r) for r in self.records()} if resume else set()  # before a resume cuts them back
+        self.tracker = Tracker(self.dir, report_to, self.cfg.to_dict(), logged)
+
     def checkpointer(self, name: str, every: int) -> Checkpointer:
         """The checkpoints of one training loop of this run (checkpoints/<name>.safetensors)."""
         return Checkpointer(self.path(f"checkpoints/{name}.safetensors"), self.cfg.to_dict(), every,
@@ -45,6 +61,18 @@ class Run:
         """Append one JSON line to metrics.jsonl (a line is small; append is atomic enough for a log)."""
         with open(self.dir / "metrics.jsonl", "ab") as f:  # one write per line; a torn last line is
             f.write((json.dumps(record) + "\n").encode())  # cut at resume (Checkpointer) and skipped by records
+        if self.tracker is not None:  # after the line: a record the tracker has is in metrics.jsonl
+            self.tracker.log(record)
+
+    def log_image(self, name: str, image, step: int) -> None:
+        """An image (H, W, C uint8) to the experiment trackers (metrics.jsonl keeps numbers only)."""
+        if self.tracker is not None:
+            self.tracker.log_image(name, image, step)
+
+    def close(self) -> None:
+        """Finish the experiment trackers (also done at exit)."""
+        if self.tracker is not None:
+            self.tracker.close()
 
     def records(self) -> list[dict]:
         p = self.dir / "metrics.jsonl"

@@ -155,6 +155,8 @@ def fit_sd_reward_terms(backend, cfg: Config, run=None, progress: bool = True,
 def finetune_sd(cfg: Config, make_run, classifiers: Path | None = None, progress: bool = True, cpu: bool = False):
     """CTRL on SD under accelerate (one process, or one per GPU with `accelerate launch`); only the main
     process writes the run folder (`make_run()`), the checkpoints and the log. Returns (model, backend)."""
+    from .pipeline import monitor_grid
+
     accelerator = make_accelerator(cfg.sd.mixed_precision, cfg.sd.accumulate, cpu)
     main = accelerator.is_main_process
     if accelerator.num_processes > 1 and classifiers is None:
@@ -167,7 +169,7 @@ def finetune_sd(cfg: Config, make_run, classifiers: Path | None = None, progress
              else fit_sd_reward_terms(backend, cfg, run, progress, clip)[0])
     ckpt = run.checkpointer("ctrl", cfg.rl.checkpoint_every) if run is not None else None
     model, summary = finetune(backend, terms, cfg, log=run.log if run else None, progress=progress and main,
-                              ckpt=ckpt, accelerator=accelerator)
+                              ckpt=ckpt, accelerator=accelerator, log_images=monitor_grid(run))
     if run is not None:
         model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                                   "sd_resolution": backend.resolution, "summary": summary["seconds"]})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -78,14 +79,17 @@ def reward_input(backend, x0: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -> dict:
-    """Accuracy on a fixed batch by the optimised classifier, the independent monitor and the oracle."""
+def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64, show=None) -> dict:
+    """Accuracy on a fixed batch by the optimised classifier, the independent monitor and the oracle.
+    show(images, cond): also given the batch's decoded samples (e.g. for the experiment tracker's grid)."""
     cond = balanced_conditions(n, backend.num_c, model.controls)
     g = torch.Generator().manual_seed(12345)
     x_T = torch.randn((n, *backend.shape), generator=g)
     x0 = sample(model, backend.schedule, x_T, cond, steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g,
                 final=model.final(backend)).x0
     x, images = reward_input(backend, x0), backend.decode(x0)
+    if show is not None:
+        show(images, cond)
     out = {}
     for t in terms:
         y = cond.y[t.control.name]
@@ -99,7 +103,7 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64) -
 
 def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None,
              ckpt: Checkpointer | None = None, accelerator=None, init: ControlledDenoiser | None = None,
-             log_z: torch.Tensor | None = None):
+             log_z: torch.Tensor | None = None, log_images=None):
     """Fine-tune a fresh augmented model by CTRL; returns (model, summary). ckpt: resume from / save to.
     accelerator: an accelerate.Accelerator for multi-GPU, mixed precision and accumulation (`rl/scale.py`).
 
@@ -110,7 +114,9 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     not changed.
     log_z: log Z(c, y) per request (`target.log_z_table`, shape (num_c, K_1, ...)): each step then logs
     `gap` = log Z - J on its batch, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats, how far
-    the fine-tune is from the objective's optimum (negative only where the unregularised last step is the model's)."""
+    the fine-tune is from the objective's optimum (negative only where the unregularised last step is the model's).
+
+    log_images(step, images, cond): the monitoring batch's decoded samples at each monitoring step."""
     rc, sc = cfg.rl, cfg.sampler
     if sc.eta < MIN_ETA:  # a denormal eta (4.7e-277, found by fuzzing) underflows the step noise to exactly 0
         raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta >= {MIN_ETA})")
@@ -153,9 +159,11 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
         # --- maintenance: monitor with the oracle and an independent classifier
         stats.update(step=step, grad_norm=grad_norm, seconds=ckpt.seconds())
+        stats.update({f"lr/{k}": grp["lr"] for k, grp in zip(("emb", "lora"), opt.param_groups)})
         if rc.monitor_every and (step % rc.monitor_every == 0 or step == rc.steps - 1):
             model.eval()
-            stats.update(monitor(model, backend, terms, cfg))
+            show = None if log_images is None else partial(log_images, step)
+            stats.update(monitor(model, backend, terms, cfg, show=show))
             model.train()
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.1f}")
         if log is not None:
