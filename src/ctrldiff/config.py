@@ -121,6 +121,7 @@ class Config:
     triplets: TripletsConfig = field(default_factory=TripletsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sd: SDConfig = field(default_factory=SDConfig)
+    model: str | None = None  # a local diffusers UNet2DModel pipeline folder as the base (`--model`); null = the digits
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .backends.pixels import asset_path, load_base
+from .backends import backend_for
+from .backends.pixels import PixelBackend, asset_path
 from .classifier import Classifier, NoisyClassifier, evaluate_classifier, fit_classifier, fit_noisy_classifier
 from .config import Config
 from .control import ControlledDenoiser
@@ -15,18 +16,13 @@ from .evaluate import evaluate, features
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
+from .pairs import defined
 from .plots import plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
-from .tasks.controls import Control, get_control
+from .tasks.controls import Control, controls_of
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
-
-
-def controls_of(cfg: Config) -> list[Control]:
-    if not cfg.rl.controls:
-        raise CtrlDiffError("rl.controls is empty; name at least one control")
-    return [get_control(name) for name in cfg.rl.controls]
 
 
 def check_finetune(cfg: Config) -> None:
@@ -67,16 +63,20 @@ def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, 
     return x, control.label(to_unit(x))
 
 
-def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
-                     noisy: bool = False) -> tuple[list[RewardTerm], dict]:
+def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True, noisy: bool = False,
+                     pairs: dict | None = None) -> tuple[list[RewardTerm], dict]:
     """Step 1 for each control: the reward classifier from the training pairs, calibrated, and an independent
     monitor classifier from the disjoint held-out pairs (to catch reward hacking). noisy: also the
-    noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs."""
-    terms, reports = [], {}
+    noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs.
+    pairs: {control: (train, heldout)} from disk (`ctrldiff.pairs`); other controls label the digits."""
+    terms, reports, pairs = [], {}, pairs or {}
     schedule = backend_for(cfg).schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
     for ctl in controls_of(cfg):
-        x, y = pairs_for(ctl, "train", cfg)
-        x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
+        if ctl.name in pairs:
+            (x, y), (x_ho, y_ho) = ((p.x, p.y) for p in pairs[ctl.name])
+        else:
+            x, y = pairs_for(ctl, "train", cfg)
+            x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
         every = cfg.classifier.checkpoint_every
         clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=progress,
                                   ckpt=_checkpointer(run, f"classifier-{ctl.name}", every))
@@ -118,20 +118,13 @@ def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
             for ctl in controls_of(cfg)]
 
 
-def backend_for(cfg: Config, base: Path | None = None):
-    if cfg.sd.model is not None:  # Stable Diffusion from a local pipeline folder (docs/sd.md)
-        from .sd_pipeline import sd_backend
-
-        return sd_backend(cfg)
-    return load_base(base, cfg.data.resolution)
-
-
 def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
     """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves."""
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress,
                               ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
-                                              "summary": summary["seconds"]})
+                                              "summary": summary["seconds"],
+                                              "defined_controls": defined(model.controls)})
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
@@ -192,7 +185,7 @@ def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt:
 def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True) -> dict:
     """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids."""
     controls = controls_of(cfg)
-    digits = cfg.sd.model is None  # SD has no digit oracle: its fidelity metric (a CLIP score) is not built yet
+    digits = isinstance(backend, PixelBackend)  # the digit oracle is the embedded model's (SD: no CLIP score yet)
     oracle = digit_oracle(cfg.data.resolution) if digits else None
     real = real_features(cfg, oracle) if digits else None
     if all(m.name != "base" for m in methods):
@@ -202,24 +195,25 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
         metrics, images, cond = evaluate(method, backend, controls, cfg, oracle, real, reference=backend.denoiser,
                                          seed=cfg.seed, progress=progress)
         results[method.name] = metrics
-        save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method.name}.png"))
+        save_grid(*grid_of(images, cond, controls, backend.num_c), run.path(f"samples-{method.name}.png"))
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results
 
 
-def grid_of(images: torch.Tensor, cond, controls: list[Control]):
-    """Pick one image per (joint y, c): rows = joint class of y, columns = digit c."""
+def grid_of(images: torch.Tensor, cond, controls: list[Control], num_c: int = NUM_DIGITS):
+    """Pick one image per (joint y, c): rows = joint class of y, columns = c (the first ten values at most)."""
+    cols = min(num_c, NUM_DIGITS)
     row, rows = torch.zeros(len(images), dtype=torch.long), 1
     for ctl in controls:  # mixed radix, first control fastest (the order of balanced_conditions)
         row += cond.y[ctl.name] * rows
         rows *= ctl.num_classes
     picks = []
     for r in range(rows):
-        for c in range(NUM_DIGITS):
+        for c in range(cols):
             idx = torch.nonzero((row == r) & (cond.c == c))
             picks.append(images[idx[0, 0]] if len(idx) else torch.ones_like(images[0]))
-    return torch.stack(picks), rows, NUM_DIGITS
+    return torch.stack(picks), rows, cols
 
 
 def _num(v: float) -> str:

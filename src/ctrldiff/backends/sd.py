@@ -209,7 +209,7 @@ def load_sd(path: str | Path, prompts: list[str] | None = None, guidance: float 
         raise CtrlDiffError(f"{path}: prediction_type={scheduler.config.prediction_type!r}; only epsilon-"
                             "prediction models (SD v1.x) are supported")
     # abar_t in float64 from the pipeline's own betas (SD: "scaled_linear", 0.00085..0.012)
-    schedule = Schedule(torch.cumprod(1 - scheduler.betas.double(), 0))
+    schedule = Schedule.from_betas(scheduler.betas)
     backend = SDBackend(unet, vae, text_encoder, tokenizer, schedule, prompts or read_prompts(), guidance)
     if resolution is not None:
         if resolution % backend.vae_scale:
