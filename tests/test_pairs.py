@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ctrldiff import pairs as P
 from ctrldiff.cli import main
 from ctrldiff.config import tiny
-from ctrldiff.pairs import (DEFINITIONS, define, definition, export_digits, load_definitions, load_pairs,
-                            save_definitions, split_pairs)
+from ctrldiff.pairs import DEFINITIONS, define, definition, export_digits, load_definitions, load_pairs
 from ctrldiff.tasks.controls import CONTROLS, get_control
 
 
@@ -62,18 +62,18 @@ def test_three_layouts_give_the_same_classifier_inputs(folder, tmp_path, shape):
 
 def test_split_holds_out_a_share_of_each_class(folder):
     pairs = load_pairs(folder, (1, 16, 16))
-    train, held = split_pairs(pairs, 0.2, seed=0)
+    train, held = P.split_pairs(pairs, 0.2, seed=0)
     assert len(train) + len(held) == 60 and len(held) == 12
     for k in range(2):  # stratified: 20% of each class, rounded
         assert (held.y == k).sum() == round(0.2 * (pairs.y == k).sum().item())
-    again = split_pairs(pairs, 0.2, seed=0)[1]
+    again = P.split_pairs(pairs, 0.2, seed=0)[1]
     assert torch.equal(again.x, held.x)
 
 
 def test_control_survives_the_run_folder_round_trip(folder, tmp_path):
     pairs = load_pairs(folder, (1, 16, 16))
     made = define(definition("stroke", pairs, folder, None))
-    save_definitions(tmp_path, ["stroke"])
+    P.save_definitions(tmp_path, ["stroke"])
     del CONTROLS["stroke"]
     defs = load_definitions(tmp_path)
     assert defs["stroke"]["classifiers"] == str(tmp_path.resolve()) and defs["stroke"]["pairs"] == 60
