@@ -198,6 +198,13 @@ def test_bad_model_folders_are_refused_in_one_line(folders, tmp_path, capsys):
         assert not out.exists() and {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
+def test_digit_controls_are_refused_on_a_unet2d(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(folders["uncond"]), "--preset", "tiny", "--out", str(out)]) == 2
+    _one_line_error(capsys, "'compress4' is fitted on the embedded digits", "--pairs PATH --control NAME")
+    assert not out.exists()
+
+
 def brightness(images):
     """An oracle for the CLI test: bright (mean above 0.5) or not."""
     return (images.mean((1, 2, 3)) > 0.5).long()

@@ -121,7 +121,7 @@ def cmd_pretrain(args) -> None:
 
 def _user_pairs(args, cfg, backend) -> dict:
     """--pairs: read, check and split the pairs (before any folder is written) and define their control.
-    Returns {control: (train, held-out)}; every other control must label the digits at the base's shape."""
+    Returns {control: (train, held-out)}."""
     from .pairs import define, definition, image_shape, load_pairs, split_pairs
     from .tasks.controls import BUILTIN
 
@@ -129,30 +129,35 @@ def _user_pairs(args, cfg, backend) -> dict:
     if path is None:
         if getattr(args, "oracle", None) or getattr(args, "classes", None):
             raise CtrlDiffError("--oracle and --classes describe the pairs of --pairs PATH; pass it")
-        pairs = {}
-    else:
-        if name is None:
-            raise CtrlDiffError("--pairs needs --control NAME: the name of the control the pairs define")
-        if name in BUILTIN:
-            raise CtrlDiffError(f"control name {name!r} clashes with a built-in control; choose another "
-                                f"(built-in: {sorted(BUILTIN)})")
-        oracle = None
-        if args.oracle is not None:
-            who, sep, oracle = args.oracle.partition("=")
-            if not sep or who != name:
-                raise CtrlDiffError(f"--oracle {args.oracle!r}: write {name}=module:function")
-        classes = args.classes.split(",") if args.classes else None
-        data = load_pairs(path, image_shape(backend), classes)
-        define(definition(name, data, path, oracle))
-        pairs = {name: split_pairs(data, seed=cfg.data.split_seed)}
-    from .backends import PixelBackend
+        return {}
+    if name is None:
+        raise CtrlDiffError("--pairs needs --control NAME: the name of the control the pairs define")
+    if name in BUILTIN:
+        raise CtrlDiffError(f"control name {name!r} clashes with a built-in control; choose another "
+                            f"(built-in: {sorted(BUILTIN)})")
+    oracle = None
+    if args.oracle is not None:
+        who, sep, oracle = args.oracle.partition("=")
+        if not sep or who != name:
+            raise CtrlDiffError(f"--oracle {args.oracle!r}: write {name}=module:function")
+    data = load_pairs(path, image_shape(backend), args.classes.split(",") if args.classes else None)
+    split = split_pairs(data, seed=cfg.data.split_seed)
+    define(definition(name, data, path, oracle))
+    return {name: split}
 
-    if not isinstance(backend, PixelBackend) and cfg.sd.model is None:
-        digits = [n for n in cfg.rl.controls if n not in pairs and n in BUILTIN]
-        if digits:
-            raise CtrlDiffError(f"control {digits[0]!r} is fitted on the embedded digits, not on images of this base "
-                                f"{image_shape(backend)}; define one from your pairs: --pairs PATH --control NAME")
-    return pairs
+
+def _check_digit_controls(cfg, backend, pairs: dict) -> None:
+    """The built-in controls are fitted on the embedded digits: refused on a UNet2DModel base's images."""
+    from .backends import PixelBackend
+    from .pairs import image_shape
+    from .tasks.controls import BUILTIN
+
+    if isinstance(backend, PixelBackend) or cfg.sd.model is not None:
+        return
+    digits = [n for n in cfg.rl.controls if n not in pairs and n in BUILTIN]
+    if digits:
+        raise CtrlDiffError(f"control {digits[0]!r} is fitted on the embedded digits, not on this base's images "
+                            f"{image_shape(backend)}; define one from your pairs: --pairs PATH --control NAME")
 
 
 def cmd_classifier(args) -> None:
@@ -169,7 +174,9 @@ def cmd_classifier(args) -> None:
             print(f"{name}: held-out accuracy {r['heldout']['accuracy']:.3f} (classes {r['class_counts']})")
         print(f"wrote {run.dir}/")
         return
-    pairs = _user_pairs(args, cfg, backend_for(cfg))
+    backend = backend_for(cfg)
+    pairs = _user_pairs(args, cfg, backend)
+    _check_digit_controls(cfg, backend, pairs)
     run = _run(args, "classifier", cfg)
     _, reports = fit_reward_terms(cfg, run, noisy=cfg.sd.model is None, pairs=pairs)  # SD: x_t are latents
     save_definitions(run.dir, pairs)
@@ -217,6 +224,7 @@ def cmd_finetune(args) -> None:
         return
     backend = backend_for(cfg, args.base)
     pairs = _user_pairs(args, cfg, backend)
+    _check_digit_controls(cfg, backend, pairs)
     check_finetune(cfg)
     run = _run(args, "finetune", cfg)
     _finetune(cfg, run, args.classifiers, args.base, backend, pairs)

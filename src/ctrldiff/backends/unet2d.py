@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,7 @@ class UNet2DBackend:
     prediction_type: str = "epsilon"
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     share_weights: bool = True  # ControlledDenoiser shares the frozen tensors instead of copying them
+    has_null_c: ClassVar[bool] = False  # diffusers' class table has no "no class" row
 
     def __post_init__(self):
         self.net.eval().requires_grad_(False)
@@ -53,8 +55,6 @@ class UNet2DBackend:
     @property
     def conditional(self) -> bool:
         return self.net.config.num_class_embeds is not None
-
-    has_null_c = False  # diffusers' class embedding has no "no class" row
 
     @property
     def num_c(self) -> int:
