@@ -112,6 +112,8 @@ def _bad(tmp_path):
     cases["mixed"] = (tmp_path / "mixed", ["mixed label types", "'cat' (text) and 3 (integer)"])
     np.savez(tmp_path / "float.npz", x=np.zeros((20, 4, 4), np.float32), y=np.zeros(20, int))
     cases["float"] = (tmp_path / "float.npz", ["x is float32", "uint8"])
+    np.savez(tmp_path / "pickled.npz", x=np.zeros((60, 4, 4), np.uint8), y=np.array([1, "a"] * 30, dtype=object))
+    cases["pickled"] = (tmp_path / "pickled.npz", ["cannot read", "allow_pickle=False"])  # never unpickled
     np.savez(tmp_path / "few.npz", x=np.zeros((20, 4, 4), np.uint8), y=np.arange(20) % 2)
     cases["few"] = (tmp_path / "few.npz", ["20 pairs are too few"])
     return cases
