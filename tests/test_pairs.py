@@ -186,3 +186,13 @@ def test_readme_section_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch
     metrics = json.loads(next(tmp_path.glob("runs/*eval*/metrics.json")).read_text())
     name = next(k for k, v in metrics["ctrl"].items() if isinstance(v, dict) and "judge" in v)
     assert metrics["ctrl"][name]["judge"] == "monitor" and 0 <= metrics["ctrl"][name]["accuracy"] <= 1
+
+
+def test_cfg_baseline_refuses_a_control_without_labeller(folder, tmp_path, capsys):
+    define(definition("stroke3", load_pairs(folder, (1, 16, 16)), folder, None))
+    P.save_definitions(tmp_path / "clf", ["stroke3"])
+    out = tmp_path / "run"
+    assert main(["finetune", "--method", "cfg", "--classifiers", str(tmp_path / "clf"), "--control", "stroke3",
+                 "--preset", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "['stroke3'] without one" in err and not out.exists()

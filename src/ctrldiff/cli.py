@@ -209,8 +209,11 @@ def cmd_finetune(args) -> None:
         raise CtrlDiffError("finetune --pairs fits the classifiers here (ctrl, digits or a UNet2DModel); with "
                             "--classifiers, --method cfg or Stable Diffusion fit them first: ctrldiff classifier --pairs")
     load_definitions(args.classifiers)
-    if args.method == "cfg":
-        controls_of(cfg)
+    if args.method == "cfg":  # triplets (x, c, y): the digits with c, y labelled by each control's labeller
+        unlabelled = [c.name for c in controls_of(cfg) if c.labeller is None]
+        if unlabelled or cfg.model is not None or cfg.sd.model is not None:
+            raise CtrlDiffError("--method cfg trains on the embedded digits' triplets, labelled by each control's "
+                                f"labeller; not on another base, nor for {unlabelled or 'controls'} without one")
         run = _run(args, "finetune", cfg)
         _, summary = run_cfg_finetune(cfg, run, backend_for(cfg, args.base))
         print(f"wrote {run.path('cfg.safetensors')} ({summary['triplets']} triplets, {summary['seconds']:.0f} s)")
@@ -338,11 +341,13 @@ def cmd_evaluate(args) -> None:
 
     cfg = _cfg(args)
     method, backend = _method(args, cfg)
-    for name in cfg.rl.controls:  # a control with no oracle is judged by its independent monitor
-        monitor_judged(name, args.classifiers)
+    # a control with no oracle is judged by its independent monitor classifier
+    judged = [n for n in cfg.rl.controls if monitor_judged(n, args.classifiers).judge == "monitor"]
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
     run_evaluate(cfg, run, [method], backend)
     print((run.path("metrics.md")).read_text())
+    if judged:
+        print(f"{', '.join(judged)}: no oracle; accuracy judged by the independent monitor classifier")
 
 
 def cmd_export_digits(args) -> None:
