@@ -163,6 +163,23 @@ def test_a_step_matches_the_diffusers_scheduler(tmp_path, prediction, betas):
     torch.testing.assert_close(mean, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,knobs", [("dps", {}), ("mpgd", {}), ("smc", {"particles": 2}),
+                                        ("svdd", {"candidates": 2}), ("best_of_n", {"n": 2})])
+def test_baselines_run_on_the_unet2d(folders, name, knobs):
+    from ctrldiff.methods import build_method
+
+    backend = load_unet2d(folders["cond"])
+    classifiers = {"mine": Classifier(SmallCNN(2, in_channels=1)).requires_grad_(False)}
+    cond = Cond(torch.tensor([0, 2]), {"mine": torch.tensor([0, 1])})
+    x0, _ = build_method(name, backend, knobs, steps=3, classifiers=classifiers)(cond, torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 1, 8, 8) and torch.isfinite(x0).all()
+    base = build_method("base", backend, steps=3)(cond, torch.Generator().manual_seed(0))[0]
+    neutral = {"dps": {"w": 0}, "mpgd": {"w": 0}, "smc": {"particles": 1, "w": 0}, "svdd": {"candidates": 1},
+               "best_of_n": {"n": 1}}[name]
+    same = build_method(name, backend, neutral, steps=3, classifiers=classifiers)(cond, torch.Generator().manual_seed(0))
+    assert torch.equal(same[0], base)
+
+
 def _one_line_error(capsys, *words):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
