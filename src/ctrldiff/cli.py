@@ -355,7 +355,7 @@ def cmd_export_digits(args) -> None:
     from .tasks.controls import get_control
 
     cfg = _cfg(args)
-    out = args.out or Path("digit-pairs")
+    out = _out(args, "export-digits")
     counts = export_digits(out, get_control(args.control), args.n, cfg, args.overwrite)
     print(f"wrote {args.n} PNGs to {out}/ ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
 
