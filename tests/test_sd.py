@@ -235,6 +235,25 @@ def test_cli_finetune_then_sample(pipe_dir, tmp_path, capsys):
     assert math.isnan(metrics["ctrl"]["digit_fidelity"])  # no digit oracle on SD: n/a, not a made-up number
 
 
+def test_cli_a_control_from_pairs_on_sd(pipe_dir, tmp_path):
+    """Pairs from disk define a control on SD too: classifier --pairs (RGB at the decoded size), finetune
+    --classifiers, evaluate judged by the monitor."""
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "pairs.npz", x=x, y=np.arange(60) % 2)
+    args = ["--model", str(pipe_dir), "--preset", "sd_tiny"]
+    assert main(["classifier", *args, "--pairs", str(tmp_path / "pairs.npz"), "--control", "mine",
+                 "--out", str(tmp_path / "clf")]) == 0
+    assert (tmp_path / "clf" / "controls.json").is_file() and not (tmp_path / "clf" / "noisy-mine.safetensors").exists()
+    assert main(["finetune", *args, "--classifiers", str(tmp_path / "clf"), "--control", "mine",
+                 "--out", str(tmp_path / "ft")]) == 0
+    assert load_weights(tmp_path / "ft" / "ctrl.safetensors")[1]["defined_controls"]["mine"]["num_classes"] == 2
+    assert main(["evaluate", *args, "--ckpt", str(tmp_path / "ft" / "ctrl.safetensors"),
+                 "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["ctrl"]["mine"]["judge"] == "monitor"
+
+
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
     """A tiny CLIP vision tower (transformers, from a config) and random LAION-predictor weights."""

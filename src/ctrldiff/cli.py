@@ -1,4 +1,4 @@
-"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate | bench."""
+"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate | bench | export-digits."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _device_override(args) -> list[str]:
 
 def _resolved(cfg: C.Config) -> C.Config:
     """`device` "auto" resolved to what this machine has, so config.json says where the run ran."""
-    from .pipeline import resolve_device
+    from .backends import resolve_device
 
     cfg.device = resolve_device(cfg.device)
     return cfg
@@ -38,16 +38,30 @@ def _resolved(cfg: C.Config) -> C.Config:
 
 def _sd(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, metavar="PATH",
-                   help="a local diffusers Stable Diffusion folder: use the SD backend (docs/sd.md; default "
-                        "preset sd_compress4); sets sd.model")
+                   help="a local diffusers folder as the base: a DDPMPipeline/DDIMPipeline (or unet/ + scheduler/) "
+                        "of a UNet2DModel (sets `model`), or Stable Diffusion (docs/sd.md; default preset "
+                        "sd_compress4; sets sd.model)")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="SD prompts, one per line (default: 45 animals)")
+
+
+def _model_kind(args) -> str | None:
+    """None (the embedded digits), "unet2d" or "sd", from what --model's folder holds."""
+    if getattr(args, "model", None) is None:
+        return None
+    from .backends.unet2d import model_kind
+
+    return model_kind(args.model)
 
 
 def _sd_overrides(args) -> list[str]:
     """--model / --prompts as config overrides (JSON strings, so any path stays a string)."""
     import json
 
-    pairs = [("sd.model", getattr(args, "model", None)), ("sd.prompts", getattr(args, "prompts", None))]
+    kind = _model_kind(args)
+    if kind == "unet2d" and getattr(args, "prompts", None) is not None:
+        raise CtrlDiffError("--prompts is for Stable Diffusion; a UNet2DModel's c is a class index (--c)")
+    pairs = [("model" if kind == "unet2d" else "sd.model", getattr(args, "model", None)),
+             ("sd.prompts", getattr(args, "prompts", None))]
     return [f"{k}={json.dumps(str(v))}" for k, v in pairs if v is not None]
 
 
@@ -57,6 +71,23 @@ def _report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-to", choices=REPORT_TO, default=None,
                    help="also log the metrics, the config and sample grids to an experiment tracker (an optional "
                         "extra: pip install 'ctrldiff[tensorboard]'); default none, or with --resume the run's own")
+
+
+def _pairs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=Path, metavar="PATH",
+                   help="labelled pairs (x, y) defining a new control (with --control): a folder with one "
+                        "sub-folder per class, a CSV file,label (or a folder with labels.csv), or an .npz / "
+                        ".safetensors with x (uint8 images) and y")
+    p.add_argument("--classes", metavar="A,B,...",
+                   help="with --pairs: the class names of integer labels 0..K-1 (fixing K), or the order of text labels")
+    p.add_argument("--oracle", metavar="NAME=MODULE:FUNCTION",
+                   help="with --pairs: a Python labeller (images in [0, 1] -> labels) used as the control's oracle")
+
+
+def _control(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", metavar="NAME",
+                   help="the one control to use (sets rl.controls to {NAME: gamma}, gamma the preset's unless "
+                        "rl.controls names it): built in, defined by --pairs, or by the --classifiers run")
 
 
 def _resume(p: argparse.ArgumentParser) -> None:
@@ -70,9 +101,12 @@ def _cfg(args) -> C.Config:
         from .io import read_json
 
         return _resolved(C.from_dict(read_json(resume / "config.json")))
-    default = "sd_compress4" if getattr(args, "model", None) is not None else "default"
+    default = "sd_compress4" if _model_kind(args) == "sd" else "default"
     cfg = _resolved(C.apply_overrides(C.preset(args.preset or default),
                                       [*args.overrides, *_device_override(args), *_sd_overrides(args)]))
+    name = getattr(args, "control", None)
+    if name is not None:
+        cfg.rl.controls = {name: cfg.rl.controls.get(name, next(iter(cfg.rl.controls.values()), 10.0))}
     if cfg.name.startswith("sd_") and cfg.sd.model is None:
         raise CtrlDiffError(f"preset {cfg.name!r} is for Stable Diffusion: pass --model PATH (a local diffusers folder)")
     return cfg
@@ -112,11 +146,53 @@ def cmd_pretrain(args) -> None:
           f"copy its *.safetensors into src/ctrldiff/assets/ to ship them")
 
 
+def _user_pairs(args, cfg, backend) -> dict:
+    """--pairs: read, check and split the pairs (before any folder is written) and define their control.
+    Returns {control: (train, held-out)}."""
+    from .pairs import define, definition, image_shape, load_pairs, split_pairs
+    from .tasks.controls import BUILTIN
+
+    path, name = getattr(args, "pairs", None), getattr(args, "control", None)
+    if path is None:
+        if getattr(args, "oracle", None) or getattr(args, "classes", None):
+            raise CtrlDiffError("--oracle and --classes describe the pairs of --pairs PATH; pass it")
+        return {}
+    if name is None:
+        raise CtrlDiffError("--pairs needs --control NAME: the name of the control the pairs define")
+    if name in BUILTIN:
+        raise CtrlDiffError(f"control name {name!r} clashes with a built-in control; choose another "
+                            f"(built-in: {sorted(BUILTIN)})")
+    oracle = None
+    if args.oracle is not None:
+        who, sep, oracle = args.oracle.partition("=")
+        if not sep or who != name:
+            raise CtrlDiffError(f"--oracle {args.oracle!r}: write {name}=module:function")
+    data = load_pairs(path, image_shape(backend), args.classes.split(",") if args.classes else None)
+    split = split_pairs(data, seed=cfg.data.split_seed)
+    define(definition(name, data, path, oracle))
+    return {name: split}
+
+
+def _check_digit_controls(cfg, backend, pairs: dict) -> None:
+    """The built-in controls are fitted on the embedded digits: refused on a UNet2DModel base's images."""
+    from .backends import PixelBackend
+    from .pairs import image_shape
+    from .tasks.controls import BUILTIN
+
+    if isinstance(backend, PixelBackend) or cfg.sd.model is not None:
+        return
+    digits = [n for n in cfg.rl.controls if n not in pairs and n in BUILTIN]
+    if digits:
+        raise CtrlDiffError(f"control {digits[0]!r} is fitted on the embedded digits, not on this base's images "
+                            f"{image_shape(backend)}; define one from your pairs: --pairs PATH --control NAME")
+
+
 def cmd_classifier(args) -> None:
-    from .pipeline import fit_reward_terms
+    from .pairs import save_definitions
+    from .pipeline import backend_for, fit_reward_terms
 
     cfg = _cfg(args)
-    if cfg.sd.model is not None:  # SD: pairs are labelled base samples; no noise-aware classifier
+    if cfg.sd.model is not None and args.pairs is None:  # SD: pairs are labelled base samples, no noisy classifier
         from .sd_pipeline import clip_for, fit_sd_reward_terms, sd_backend
 
         backend = sd_backend(cfg)
@@ -125,45 +201,63 @@ def cmd_classifier(args) -> None:
             print(f"{name}: held-out accuracy {r['heldout']['accuracy']:.3f} (classes {r['class_counts']})")
         print(f"wrote {run.dir}/")
         return
+    backend = backend_for(cfg)
+    pairs = _user_pairs(args, cfg, backend)
+    _check_digit_controls(cfg, backend, pairs)
     run = _run(args, "classifier", cfg)
-    _, reports = fit_reward_terms(cfg, run, noisy=True)
+    _, reports = fit_reward_terms(cfg, run, noisy=cfg.sd.model is None, pairs=pairs)  # SD: x_t are latents
+    save_definitions(run.dir, pairs)
     for name, r in reports.items():
         h = r["heldout"]
-        noisy = ", ".join(f"{k} {v:.2f}" for k, v in r["noise_aware_heldout_accuracy"].items())
+        noisy = ", ".join(f"{k} {v:.2f}" for k, v in r.get("noise_aware_heldout_accuracy", {}).items())
         print(f"{name}: held-out accuracy {h['accuracy']:.3f}, ECE {h['ece_raw']:.3f} -> {h['ece_calibrated']:.3f} "
-              f"(T = {r['temperature']:.3f}); noise-aware classifier at {noisy}")
+              f"(T = {r['temperature']:.3f})" + (f"; noise-aware classifier at {noisy}" if noisy else ""))
     print(f"wrote {run.dir}/")
 
 
-def _finetune(cfg, run, classifiers: Path | None, base: Path | None):
+def _finetune(cfg, run, classifiers: Path | None, base: Path | None, backend=None, pairs: dict | None = None):
+    from .pairs import save_definitions
     from .pipeline import backend_for, fit_reward_terms, load_reward_terms, run_finetune
 
-    backend = backend_for(cfg, base)
-    terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run)[0]
+    backend = backend or backend_for(cfg, base)
+    terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run, pairs=pairs)[0]
+    save_definitions(run.dir, pairs or {})
     return run_finetune(cfg, run, terms, backend)[0], backend, terms
 
 
 def cmd_finetune(args) -> None:
+    from .pairs import load_definitions
     from .pipeline import backend_for, check_finetune, controls_of, run_cfg_finetune
 
     cfg = _cfg(args)
     if args.method not in ("ctrl", "cfg"):
         raise CtrlDiffError(f"finetune --method {args.method!r}; choose ctrl (pairs, RL) or cfg (triplets, DSM)")
-    if args.method == "cfg":
-        controls_of(cfg)
+    if args.pairs is not None and (args.classifiers is not None or args.method == "cfg" or cfg.sd.model is not None):
+        raise CtrlDiffError("finetune --pairs fits the classifiers here (ctrl, digits or a UNet2DModel); with "
+                            "--classifiers, --method cfg or Stable Diffusion fit them first: ctrldiff classifier --pairs")
+    load_definitions(args.classifiers)
+    if args.method == "cfg":  # triplets (x, c, y): the digits with c, y labelled by each control's labeller
+        unlabelled = [c.name for c in controls_of(cfg) if c.labeller is None]
+        if unlabelled or cfg.model is not None or cfg.sd.model is not None:
+            raise CtrlDiffError("--method cfg trains on the embedded digits' triplets, labelled by each control's "
+                                f"labeller; not on another base, nor for {unlabelled or 'controls'} without one")
         run = _run(args, "finetune", cfg)
         _, summary = run_cfg_finetune(cfg, run, backend_for(cfg, args.base))
         print(f"wrote {run.path('cfg.safetensors')} ({summary['triplets']} triplets, {summary['seconds']:.0f} s)")
         return
-    check_finetune(cfg)
     if cfg.sd.model is not None:  # Stable Diffusion through accelerate: only the main process writes the run
         from .sd_pipeline import finetune_sd
 
+        check_finetune(cfg)
         finetune_sd(cfg, lambda: _run(args, "finetune", cfg), args.classifiers)
         print(f"wrote {_out(args, 'finetune') if args.resume is None else args.resume}/ctrl.safetensors")
         return
+    backend = backend_for(cfg, args.base)
+    pairs = _user_pairs(args, cfg, backend)
+    _check_digit_controls(cfg, backend, pairs)
+    check_finetune(cfg)
     run = _run(args, "finetune", cfg)
-    _finetune(cfg, run, args.classifiers, args.base)
+    _finetune(cfg, run, args.classifiers, args.base, backend, pairs)
     print(f"wrote {run.path('ctrl.safetensors')} and {run.path('curves.png')}")
 
 
@@ -186,10 +280,12 @@ def _method(args, cfg):
     """The backend and the requested method, with cfg.rl.controls set to the controls it samples."""
     from .io import read_meta
     from .methods import check_knobs
+    from .pairs import define, load_definitions
     from .pipeline import backend_for, method_for
 
     knobs = _parse_knobs(args.knobs)
     check_knobs(args.method, knobs)  # fail before loading anything
+    load_definitions(args.classifiers)
     if args.ckpt is not None:
         if args.method not in ("ctrl", "cfg"):
             raise CtrlDiffError(f"--ckpt is for --method ctrl or cfg, not {args.method!r}")
@@ -199,6 +295,8 @@ def _method(args, cfg):
                                 f"{cfg.data.resolution}; pass the matching --preset")
         gammas = meta.get("gammas", cfg.rl.controls)  # the gammas it was fine-tuned with (older checkpoints: config's)
         cfg.rl.controls = {k: gammas.get(k, 0.0) for k in meta.get("controls", {})}
+        for definition in meta.get("defined_controls", {}).values():  # controls defined by pairs
+            define(definition)
     backend = backend_for(cfg, args.base)
     return method_for(cfg, args.method, backend, knobs, args.ckpt, args.classifiers), backend
 
@@ -235,9 +333,16 @@ def cmd_sample(args) -> None:
             y[name] = ctl.check_labels(torch.full((args.n,), label))
         if method.name not in ("base", "ctrl", "cfg") and set(y) != set(ks):
             raise CtrlDiffError(f"method {method.name!r} needs a label for every control: pass --y for {sorted(ks)}")
+        if args.c is not None and not getattr(backend, "conditional", True):
+            raise CtrlDiffError(f"--c {args.c}: the base model is unconditional (it has no c); drop --c")
         if args.c is not None and not 0 <= args.c < backend.num_c:
-            raise CtrlDiffError(f"digit c={args.c} is outside 0..{backend.num_c - 1}")
-        c = torch.full((args.n,), backend.num_c if args.c is None else args.c)
+            raise CtrlDiffError(f"c={args.c} is outside 0..{backend.num_c - 1}")
+        if args.c is not None:
+            c = torch.full((args.n,), args.c)
+        elif getattr(backend, "has_null_c", True):
+            c = torch.full((args.n,), backend.num_c)  # the null c: the base's unconditional model
+        else:  # no null class (a diffusers class table): the n samples cycle through the classes
+            c = torch.arange(args.n) % backend.num_c
         cond = Cond(c, y)
     else:  # the grid: rows = joint y, columns = c
         cond = balanced_conditions(backend.num_c * int(torch.tensor(list(ks.values())).prod()), backend.num_c, ks)
@@ -251,13 +356,14 @@ def cmd_sample(args) -> None:
         pad = torch.ones((rows * cols - args.n, *images.shape[1:]))
         save_grid(torch.cat([images, pad]), rows, cols, run.path("samples.png"))
     else:
-        save_grid(*grid_of(images, cond, controls), run.path("samples.png"))
+        save_grid(*grid_of(images, cond, controls, backend.num_c), run.path("samples.png"))
     passes = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in cost.items() if k != "seconds")
     print(f"{len(images)} samples by {method.name} {method.knobs} in {cost['seconds'] * len(images):.1f} s "
           f"(per sample: {passes}) -> {run.path('samples.png')}")
 
 
 def cmd_evaluate(args) -> None:
+    from .pairs import load_definitions, monitor_judged
     from .pipeline import backend_for, load_reward_terms, run_evaluate
     from .runs import Run
 
@@ -266,6 +372,7 @@ def cmd_evaluate(args) -> None:
         if args.classifiers is None or args.ckpt is not None or args.knobs:
             raise CtrlDiffError("method 'target' takes --classifiers (the reward classifiers whose p_gamma it "
                                 "estimates, gammas from rl.controls) and no --ckpt or --knob")
+        load_definitions(args.classifiers)
         methods, backend = [], backend_for(cfg, args.base)
     else:
         method, backend = _method(args, cfg)
@@ -276,9 +383,23 @@ def cmd_evaluate(args) -> None:
             raise CtrlDiffError("the target's bank of base samples is not built for Stable Diffusion here; "
                                 "evaluate --model without --classifiers")
         terms = load_reward_terms(cfg, args.classifiers)
+    # a control with no oracle is judged by its independent monitor classifier
+    judged = [n for n in cfg.rl.controls if monitor_judged(n, args.classifiers).judge == "monitor"]
     run = Run(_out(args, "evaluate"), cfg, args.overwrite)
     run_evaluate(cfg, run, methods, backend, terms=terms)
     print((run.path("metrics.md")).read_text())
+    if judged:
+        print(f"{', '.join(judged)}: no oracle; accuracy judged by the independent monitor classifier")
+
+
+def cmd_export_digits(args) -> None:
+    from .pairs import export_digits
+    from .tasks.controls import get_control
+
+    cfg = _cfg(args)
+    out = _out(args, "export-digits")
+    counts = export_digits(out, get_control(args.control), args.n, cfg, args.overwrite)
+    print(f"wrote {args.n} PNGs to {out}/ ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
 
 
 def cmd_demo(args) -> None:
@@ -346,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     _resume(p)
     _report(p)
     _sd(p)
+    _pairs(p)
+    _control(p)
     p.set_defaults(fn=cmd_classifier)
 
     p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model "
@@ -357,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     _resume(p)
     _report(p)
     _sd(p)
+    _pairs(p)
+    _control(p)
     p.set_defaults(fn=cmd_finetune)
 
     methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n (evaluate: also target)"
@@ -372,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluate --method ctrl/cfg/target: the target p_gamma of these classifiers beside the base)")
         p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")
         _sd(p)
+        _control(p)
         if name == "sample":
             p.add_argument("--y", action="append", default=[], metavar="CONTROL=LABEL", help="fix a control's label")
-            p.add_argument("--c", type=int, help="fix the digit")
+            p.add_argument("--c", type=int, help="fix the base's condition c (a digit, a class, a prompt index)")
             p.add_argument("-n", type=int, default=16, help="samples when --y/--c fix the condition")
         p.set_defaults(fn=fn)
 
@@ -390,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
     _report(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("export-digits", help="write training digits as PNGs, one sub-folder per class of a "
+                                             "built-in control: pairs on disk to try --pairs with")
+    _common(p)
+    p.add_argument("--control", default="thickness2", help="the built-in control whose labels name the "
+                                                           "sub-folders (default thickness2: thin/, thick/)")
+    p.add_argument("-n", type=int, default=1000, help="digits to write (a subset drawn by `seed`; default 1000)")
+    p.set_defaults(fn=cmd_export_digits)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")
     p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run in turn")

@@ -138,6 +138,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     sd: SDConfig = field(default_factory=SDConfig)
+    model: str | None = None  # a local diffusers UNet2DModel pipeline folder as the base (`--model`); null = the digits
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

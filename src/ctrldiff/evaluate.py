@@ -70,7 +70,7 @@ def evaluate(method: Method, backend, controls: list[Control], cfg: Config, orac
     for ctl in controls:
         want, got = cond.y[ctl.name].numpy(), ctl.label(images).numpy()
         correct &= torch.from_numpy(want == got)
-        out[ctl.name] = {"accuracy": float((want == got).mean()),
+        out[ctl.name] = {"accuracy": float((want == got).mean()), "judge": ctl.judge,
                          "macro_f1": float(f1_score(want, got, average="macro", labels=range(ctl.num_classes))),
                          "confusion": confusion_matrix(want, got, labels=range(ctl.num_classes)).tolist()}
     if len(controls) > 1:

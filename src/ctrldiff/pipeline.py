@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .backends.pixels import asset_path, load_base
+from .backends import backend_for
+from .backends.pixels import PixelBackend, asset_path
 from .classifier import (
     Classifier,
     NoisyClassifier,
@@ -22,19 +23,14 @@ from .evaluate import evaluate, features
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
+from .pairs import defined
 from .plots import grid_image, plot_cells, plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
 from .target import bank_log_probs, load_bank, log_z_table, target_metrics
-from .tasks.controls import Control, get_control
+from .tasks.controls import Control, controls_of
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
-
-
-def controls_of(cfg: Config) -> list[Control]:
-    if not cfg.rl.controls:
-        raise CtrlDiffError("rl.controls is empty; name at least one control")
-    return [get_control(name) for name in cfg.rl.controls]
 
 
 def check_finetune(cfg: Config) -> None:
@@ -92,19 +88,23 @@ def base_pairs(control: Control, cfg: Config, backend, progress: bool = True) ->
     return images * 2 - 1, control.label(images)
 
 
-def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
-                     noisy: bool = False) -> tuple[list[RewardTerm], dict]:
+def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True, noisy: bool = False,
+                     pairs: dict | None = None) -> tuple[list[RewardTerm], dict]:
     """Step 1 for each control: the reward classifier from the training pairs, calibrated, and an independent
     monitor classifier from the disjoint held-out pairs (to catch reward hacking). noisy: also the
-    noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs."""
-    terms, reports = [], {}
+    noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs.
+    pairs: {control: (train, heldout)} from disk (`ctrldiff.pairs`); other controls label the digits."""
+    terms, reports, pairs = [], {}, pairs or {}
     schedule = backend_for(cfg).schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
     for ctl in controls_of(cfg):
-        x, y = pairs_for(ctl, "train", cfg)
-        if cfg.classifier.base_pairs:
-            xb, yb = base_pairs(ctl, cfg, backend_for(cfg), progress)
-            x, y = torch.cat([x, xb]), torch.cat([y, yb])
-        x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
+        if ctl.name in pairs:  # pairs from disk define the control: no oracle to label base samples with
+            (x, y), (x_ho, y_ho) = ((p.x, p.y) for p in pairs[ctl.name])
+        else:
+            x, y = pairs_for(ctl, "train", cfg)
+            if cfg.classifier.base_pairs:
+                xb, yb = base_pairs(ctl, cfg, backend_for(cfg), progress)
+                x, y = torch.cat([x, xb]), torch.cat([y, yb])
+            x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
         every = cfg.classifier.checkpoint_every
         clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name,
                                   _log(run, f"classifier-{ctl.name}"), progress,
@@ -157,22 +157,6 @@ def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
             for ctl in controls_of(cfg)]
 
 
-def resolve_device(device: str) -> str:
-    """`device`: "auto" is "cuda" where a GPU is visible, else "cpu"; asking for cuda without one is an error."""
-    cuda = torch.cuda.is_available()
-    if device == "cuda" and not cuda:
-        raise CtrlDiffError("device='cuda' but torch sees no GPU here; choose 'auto' or 'cpu'")
-    return ("cuda" if cuda else "cpu") if device == "auto" else device
-
-
-def backend_for(cfg: Config, base: Path | None = None):
-    if cfg.sd.model is not None:  # Stable Diffusion from a local pipeline folder (docs/sd.md)
-        from .sd_pipeline import sd_backend
-
-        return sd_backend(cfg)
-    return load_base(base, cfg.data.resolution, resolve_device(cfg.device))
-
-
 def target_bank(cfg: Config, backend, progress: bool = True) -> torch.Tensor:
     """The cached bank of base samples the target p_gamma is estimated from (built on first use)."""
     return load_bank(backend, cfg.target.per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed,
@@ -195,7 +179,8 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
                               ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z,
                               log_images=monitor_grid(run))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
-                                              "gammas": cfg.rl.controls, "summary": summary["seconds"]})
+                                              "gammas": cfg.rl.controls, "summary": summary["seconds"],
+                                              "defined_controls": defined(model.controls)})
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
@@ -277,7 +262,7 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
     terms: the reward classifiers and gammas: adds the target p_gamma's row (importance sampling over the bank),
     each method's objective J and log Z - J, and a heat map of target vs method accuracy per (c, y)."""
     controls = controls_of(cfg)
-    digits = cfg.sd.model is None  # SD has no digit oracle: its fidelity metric (a CLIP score) is not built yet
+    digits = isinstance(backend, PixelBackend)  # the digit oracle is the embedded model's (SD: no CLIP score yet)
     oracle = digit_oracle(cfg.data.resolution) if digits else None
     real = real_features(cfg, oracle) if digits else None
     if all(m.name != "base" for m in methods):
@@ -292,10 +277,10 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
         metrics, images, cond = evaluate(method, backend, controls, cfg, oracle, real, reference=backend.denoiser,
                                          seed=cfg.seed, progress=progress, terms=terms, log_z=log_z)
         results[method.name] = metrics
-        save_grid(*grid_of(images, cond, controls), run.path(f"samples-{method.name}.png"))
+        save_grid(*grid_of(images, cond, controls, backend.num_c), run.path(f"samples-{method.name}.png"))
         if method.name == "base" and target is not None:  # the target's row right after the base's
             results["target"] = target[0]
-            save_grid(*grid_of(*target[1:], controls), run.path("samples-target.png"))
+            save_grid(*grid_of(*target[1:], controls, backend.num_c), run.path("samples-target.png"))
     for name, m in results.items():
         if "target" in results and name not in ("base", "target"):
             plot_cells(results["target"]["cells"], m["per_cell"], name, run.path(f"target-vs-{name}.png"),
@@ -305,18 +290,19 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
     return results
 
 
-def grid_of(images: torch.Tensor, cond, controls: list[Control]):
-    """Pick one image per (joint y, c): rows = joint class of y, columns = digit c."""
+def grid_of(images: torch.Tensor, cond, controls: list[Control], num_c: int = NUM_DIGITS):
+    """Pick one image per (joint y, c): rows = joint class of y, columns = c (the first ten values at most)."""
+    cols = min(num_c, NUM_DIGITS)
     row, rows = torch.zeros(len(images), dtype=torch.long), 1
     for ctl in controls:  # mixed radix, first control fastest (the order of balanced_conditions)
         row += cond.y[ctl.name] * rows
         rows *= ctl.num_classes
     picks = []
     for r in range(rows):
-        for c in range(NUM_DIGITS):
+        for c in range(cols):
             idx = torch.nonzero((row == r) & (cond.c == c))
             picks.append(images[idx[0, 0]] if len(idx) else torch.ones_like(images[0]))
-    return torch.stack(picks), rows, NUM_DIGITS
+    return torch.stack(picks), rows, cols
 
 
 def _num(v: float) -> str:

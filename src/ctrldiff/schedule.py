@@ -25,6 +25,11 @@ class Schedule:
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
+    @classmethod
+    def from_betas(cls, betas: Tensor):
+        """abar_t in float64 from a diffusers scheduler's own betas (its `beta_schedule`, `trained_betas`)."""
+        return cls(torch.cumprod(1.0 - torch.as_tensor(betas).double(), dim=0))
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]

@@ -11,6 +11,7 @@ from .classifier import fit_classifier
 from .config import Config
 from .contracts import Cond
 from .io import CtrlDiffError, load_weights, read_meta, save_weights, write_json
+from .pairs import defined
 from .rl import RewardTerm, finetune
 from .rl.finetune import balanced_conditions
 from .rl.scale import make_accelerator
@@ -18,15 +19,10 @@ from .rl.scale import make_accelerator
 
 def sd_backend(cfg: Config, device=None):
     """The SD backend of `cfg.sd` on `device` (default: this process's accelerator device, else the CPU)."""
+    from .backends import default_device
     from .backends.sd import load_sd, read_prompts
 
-    if device is None:
-        try:
-            from accelerate import PartialState
-
-            device = PartialState().device  # cuda:<local rank> under `accelerate launch`
-        except ImportError:
-            device = "cpu"
+    device = default_device() if device is None else device
     return load_sd(cfg.sd.model, read_prompts(cfg.sd.prompts), cfg.sd.guidance, cfg.sd.resolution, device,
                    cfg.sd.dtype)
 
@@ -101,7 +97,7 @@ def load_classifier(path: Path, name: str, clip):
 
 def load_sd_reward_terms(cfg: Config, folder: Path, clip=None) -> list[RewardTerm]:
     """Reward terms from a `ctrldiff classifier --model` run folder."""
-    from .pipeline import controls_of
+    from .tasks.controls import controls_of
 
     return [RewardTerm(ctl, load_classifier(Path(folder) / f"classifier-{ctl.name}.safetensors", ctl.name, clip),
                        cfg.rl.controls[ctl.name],
@@ -114,7 +110,7 @@ def fit_sd_reward_terms(backend, cfg: Config, run=None, progress: bool = True,
     """Step 1 on SD: pairs are base samples labelled by each control's oracle (JPEG size, LAION score: rewards
     no gradient passes through), fitted on the decoded RGB images (the small CNN; aesthetic2: an MLP on CLIP
     features) and calibrated; an independent monitor is fitted on a second, disjoint set of samples."""
-    from .pipeline import controls_of
+    from .tasks.controls import controls_of
 
     n = cfg.sd.pairs
     if n < 10:
@@ -172,6 +168,7 @@ def finetune_sd(cfg: Config, make_run, classifiers: Path | None = None, progress
                               ckpt=ckpt, accelerator=accelerator, log_images=monitor_grid(run))
     if run is not None:
         model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
-                                                  "sd_resolution": backend.resolution, "summary": summary["seconds"]})
+                                                  "sd_resolution": backend.resolution, "summary": summary["seconds"],
+                                                  "defined_controls": defined(model.controls)})
     accelerator.wait_for_everyone()
     return model, backend

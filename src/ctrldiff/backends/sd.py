@@ -225,7 +225,7 @@ def wrap_sd(unet, vae, text_encoder, tokenizer, scheduler, prompts: list[str] | 
                             "prediction models (SD v1.x) are supported")
     # abar_t in float64 from the pipeline's own betas (SD: "scaled_linear", 0.00085..0.012), on the CPU with the
     # chain's state (a scheduler built under `torch.device("cuda")` holds its betas there)
-    schedule = Schedule(torch.cumprod(1 - scheduler.betas.double().cpu(), 0))
+    schedule = Schedule.from_betas(scheduler.betas.cpu())
     nets = [m.to(dtype=_dtype(dtype)) for m in (unet, vae, text_encoder)]
     backend = SDBackend(*nets, tokenizer, schedule, prompts or read_prompts(), guidance)
     if resolution is not None:

@@ -24,6 +24,8 @@ class Control:
     num_classes: int
     labeller: Callable[[torch.Tensor], torch.Tensor] | None = None  # images in [0,1] -> labels 0..K-1
     class_names: tuple[str, ...] = ()
+    judge: str = "oracle"  # who labels samples in evaluation: the labeller is the oracle, or (a control defined
+    # by pairs alone, `pairs.monitor_judged`) the independent monitor classifier
 
     @property
     def null(self) -> int:
@@ -142,10 +144,20 @@ register(Control("jpeg2", 2, kb_classes(SD_COMPRESS2_KB), ("compressible", "inco
 register(Control("aesthetic2", 2, None, ("below 5.7", "aesthetic >= 5.7")))
 
 
+BUILTIN = frozenset(CONTROLS)  # a control defined by pairs may not take these names
+
+
 def get_control(name: str) -> Control:
     if name not in CONTROLS:
         raise CtrlDiffError(f"unknown control {name!r}; choose from {sorted(CONTROLS)}")
     return CONTROLS[name]
+
+
+def controls_of(cfg) -> list[Control]:
+    """The controls `cfg.rl.controls` names, in order."""
+    if not cfg.rl.controls:
+        raise CtrlDiffError("rl.controls is empty; name at least one control")
+    return [get_control(name) for name in cfg.rl.controls]
 
 
 def thresholds_from_data(images: torch.Tensor) -> dict[str, list[float]]:
