@@ -55,10 +55,10 @@ FIGURES = ROOT / "docs" / "figures"
 OLD = ["classifier.base_pairs=0", "classifier.noise=0.1", "classifier.shift=1"]  # the defaults before issue 14
 VARIANTS = [
     ("4k real pairs (old default)", OLD),
-    ("+ 20k base samples", [*OLD, "classifier.base_pairs=20000"]),
-    ("+ 20k, 30 epochs", [*OLD, "classifier.base_pairs=20000", "classifier.epochs=30"]),
-    ("+ 20k, width 64", [*OLD, "classifier.base_pairs=20000", "classifier.width=64"]),
-    ("+ 20k, no noise, shift 2 (new default)", []),
+    ("+ 20k base samples (new default)", []),
+    ("+ 20k, 30 epochs", ["classifier.epochs=30"]),
+    ("+ 20k, width 64", ["classifier.width=64"]),
+    ("+ 20k, no noise, shift 2", ["classifier.noise=0.0", "classifier.shift=2"]),
     ("+ 50k base samples", [*OLD, "classifier.base_pairs=50000"]),
 ]
 
@@ -187,7 +187,7 @@ def part_final_step(args) -> None:
     jobs = []
     for preset in args.presets:
         for gamma in args.gammas:
-            for final in ("model", "base"):
+            for final in args.finals:
                 for seed in args.seeds:
                     ctl = C.preset(preset).rl.controls
                     controls = json.dumps({k: gamma for k in ctl})
@@ -195,7 +195,9 @@ def part_final_step(args) -> None:
                           f"seed={seed}"]
                     jobs.append((preset, ov, args.out / f"{preset}-g{gamma:g}-{final}-s{seed}"))
     res = run_tasks(jobs, args.parallel)
-    lines = ["## The last step on images: `rl.final_step` \"model\" vs \"base\", measured\n",
+    title = ("## The last step on images: `rl.final_step` \"model\" vs \"base\", measured" if args.section is None
+             else f"## Tuning: {' '.join(args.overrides)}")
+    lines = [title + "\n",
              (f"Produced by `{_command('final-step', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{(time.time() - t_start) / 60:.1f} min ({args.parallel} runs at a time, one thread each). Each row: one "
               "whole pipeline (classifier fit, CTRL, evaluation with the target beside it) at the preset's settings "
@@ -213,21 +215,76 @@ def part_final_step(args) -> None:
                      f"{cfg['seed']} | {acc(c):.3f} | {acc(t):.3f} | {c['digit_fidelity']:.3f} | "
                      f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
                      f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
-    write_doc_section(TUNING_MD, "final-step-" + "-".join(args.presets), "\n".join(lines))
+    write_doc_section(TUNING_MD, args.section or "final-step-" + "-".join(args.presets), "\n".join(lines))
     (args.out / "final-step.json").write_text(json.dumps(res, indent=1))
+    print("\n".join(lines))
+
+
+def part_last_step(args) -> None:
+    """How much of a "model"-final-step fine-tune's accuracy comes from the step the KL cannot see: each such
+    checkpoint evaluated as trained, and with the frozen base taking the last step instead (same samples otherwise)."""
+    from ctrldiff.control import ControlledDenoiser
+    from ctrldiff.evaluate import evaluate
+
+    t_start = time.time()
+    rows = []
+    for run in args.runs:
+        cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+        if cfg.rl.final_step != "model":
+            continue
+        backend, controls = backend_for(cfg), controls_of(cfg)
+        oracle = digit_oracle(cfg.data.resolution)
+        real = real_features(cfg, oracle)
+        row = {"run": run.name}
+        for final in ("model", "base"):
+            model = ControlledDenoiser.load(run / "ctrl.safetensors", backend).merge_lora()
+            model.final_step = final
+            method = build_method("ctrl", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta, model=model)
+            m, _, _ = evaluate(method, backend, controls, cfg, oracle, real, seed=cfg.seed, progress=False)
+            row[final] = (m.get("joint_accuracy", m[controls[0].name]["accuracy"]), m["digit_fidelity"], m["feature_fid"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["## How much the KL-free last step does for a `\"model\"` fine-tune\n",
+             (f"Produced by `{_command('last-step', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{time.time() - t_start:.0f} s. Each checkpoint fine-tuned with `rl.final_step=\"model\"`, sampled as "
+              "trained and again with the frozen base taking only the last, deterministic step (every other step "
+              "and every random draw the same); oracle accuracy / digit fidelity / feature-FID.\n"),
+             "| run | as trained | last step by the base | accuracy from the last step |", "|---|---|---|---|"]
+    for r in rows:
+        a, b = r["model"], r["base"]
+        lines.append(f"| {r['run']} | {a[0]:.3f} / {a[1]:.3f} / {a[2]:.1f} | {b[0]:.3f} / {b[1]:.3f} / {b[2]:.1f} | "
+                     f"{a[0] - b[0]:+.3f} |")
+    write_doc_section(TUNING_MD, "last-step", "\n".join(lines))
     print("\n".join(lines))
 
 
 # --- main: the default presets ----------------------------------------------------------------------------
 
+def reuse(files: list[Path], presets: list[str], overrides: list[str]) -> list[dict]:
+    """Finished runs (final-step.json of `final-step`) whose config is exactly each preset's with `overrides`."""
+    done = [r for f in files for r in json.loads(Path(f).read_text())]
+    out = []
+    for p in presets:
+        want = C.apply_overrides(C.preset(p), overrides).to_dict()
+        match = [r for r in done if r["config"] == want]
+        if not match:
+            raise SystemExit(f"no finished run in {files} has the {p!r} preset's config")
+        out.append(match[0])
+    return out
+
+
 def part_main(args) -> None:
     t_start = time.time()
     jobs = [(p, args.overrides, args.out / p) for p in args.presets]
-    res = run_tasks(jobs, args.parallel)
+    res = reuse(args.reuse, args.presets, args.overrides) if args.reuse else run_tasks(jobs, args.parallel)
     FIGURES.mkdir(parents=True, exist_ok=True)
     doc = ["# CTRL against its target p_γ\n",
            (f"Produced by `{_command('main', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; total "
-            f"{(time.time() - t_start) / 60:.1f} min. The target p_γ(x | c, y) ∝ Π_k p̂_k(y_k | x)^γ_k p_pre(x | c) "
+            f"{(time.time() - t_start) / 60:.1f} min" + (" (the runs themselves are those of the final-step study "
+                                                          "with exactly these settings, `--reuse`; their times were "
+                                                          "measured with 2-3 runs sharing the 2 cores, one thread each, "
+                                                          "so they are upper bounds)" if args.reuse else "")
+            + ". The target p_γ(x | c, y) ∝ Π_k p̂_k(y_k | x)^γ_k p_pre(x | c) "
             "is estimated by self-normalised importance sampling over a cached bank of base samples (ctrldiff/"
             "target.py) with the very classifiers CTRL was fine-tuned on; it is what CTRL's objective is "
             "maximised by, so CTRL is judged against it first and against the oracle's ideal second.\n")]
@@ -254,13 +311,18 @@ def part_main(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["classifiers", "final-step", "main", "task"])
+    ap.add_argument("part", choices=["classifiers", "final-step", "last-step", "main", "task"])
+    ap.add_argument("runs", nargs="*", type=Path, help="last-step: run folders of the final-step study")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--preset", default="default", help=argparse.SUPPRESS)  # part "task" (internal)
     ap.add_argument("--presets", nargs="+", default=["default", "multi"])
     ap.add_argument("--gammas", nargs="+", type=float, default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--finals", nargs="+", default=["model", "base"], help="final-step: the rl.final_step arms")
+    ap.add_argument("--reuse", nargs="+", type=Path, default=None,
+                    help="main: take the runs from finished final-step.json files instead of re-running them")
+    ap.add_argument("--section", default=None, help="final-step: the docs/tuning.md section to write")
     ap.add_argument("--parallel", type=int, default=2, help="CTRL runs at a time (one thread each)")
     ap.add_argument("--limit", type=int, default=None, help="classifiers: only the first N variants")
     ap.add_argument("--best", type=int, default=None, help="classifiers: the variant the reliability plot shows")
@@ -271,6 +333,8 @@ def main() -> None:
     elif args.part == "classifiers":
         args.gammas = args.gammas or [10.0, 30.0]
         part_classifiers(args)
+    elif args.part == "last-step":
+        part_last_step(args)
     elif args.part == "final-step":
         args.gammas = args.gammas or [10.0, 30.0]
         part_final_step(args)

@@ -43,11 +43,11 @@ class ClassifierConfig:
     batch: int = 128
     lr: float = 2e-3
     val_frac: float = 0.2  # of the pairs, held back for temperature calibration
-    noise: float = 0.0  # std of Gaussian pixel noise in training (augmentation)
-    shift: int = 2  # random translation, pixels; noise 0 + shift 2 gave the highest target (docs/tuning.md)
+    noise: float = 0.1  # std of Gaussian pixel noise in training: without it CTRL hacked the reward (docs/tuning.md)
+    shift: int = 1  # random translation, pixels (augmentation)
     width: int = 32  # channels of the CNN's first layer (x2 after); the penultimate layer has 2 x width features
     base_pairs: int = 20000  # oracle-labelled base samples added to the pairs of a control with a labeller (their
-    # own cached bank, ~6 min once): they raised the target p_gamma's accuracy 0.810 -> 0.887 (docs/tuning.md)
+    # own cached bank, built once): they raised the target p_gamma's accuracy 0.810 -> 0.865 (docs/tuning.md)
     checkpoint_every: int = 100  # optimiser steps between checkpoints of each classifier (--resume)
 
 
@@ -71,8 +71,9 @@ class RLConfig:
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier; 0 = never
     checkpoint_every: int = 10  # steps between checkpoints (--resume; ~20 s of work at the default)
     kl: str = "sum"  # "sum" over dimensions (gamma is the exponent); "mean" = the official code's (gamma * d)
-    final_step: str = "model"  # who takes the last, deterministic step: "base" closes a KL-free hack that the
-    # 2-D study measured (docs/exactness.md); "model" until the image benchmarks are re-run with "base"
+    final_step: str = "base"  # who takes the last, deterministic step, which the path KL cannot see: the frozen
+    # "base" (closes the KL-free lever the 2-D study found; measured nearer the target on images at gamma 10) or
+    # the fine-tuned "model" (docs/tuning.md, section final step)
 
 
 @dataclass

@@ -168,7 +168,8 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
     gammas = {t.control.name: t.gamma for t in terms}
     log_probs = bank_log_probs(backend, bank, {t.control.name: t.classifier for t in terms})
     est = estimate(log_probs, gammas)
-    images = backend.decode(bank.flatten(0, 1)).view(*bank.shape[:2], *backend.decode(bank[0, :1]).shape[1:])
+    images = backend.decode(bank.flatten(0, 1))
+    images = images.view(*bank.shape[:2], *images.shape[1:])  # (num_c, n, C, H, W) in [0, 1]
     labels = {ctl.name: ctl.label(images.flatten(0, 1)).view(bank.shape[:2]) for ctl in controls}
     digit_ok = None
     if oracle is not None:
