@@ -27,6 +27,7 @@ from _doc import ROOT, machine, write_section
 
 from ctrldiff import config as C
 from ctrldiff.classifier import evaluate_classifier, fit_classifier
+from ctrldiff.io import write_json
 from ctrldiff.io import write_section as write_doc_section
 from ctrldiff.methods import build_method
 from ctrldiff.pipeline import (
@@ -216,7 +217,7 @@ def part_final_step(args) -> None:
                      f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
                      f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
     write_doc_section(TUNING_MD, args.section or "final-step-" + "-".join(args.presets), "\n".join(lines))
-    (args.out / "final-step.json").write_text(json.dumps(res, indent=1))
+    write_json(args.out / "final-step.json", res)
     print("\n".join(lines))
 
 
@@ -305,7 +306,7 @@ def part_main(args) -> None:
                 f"log Z − J over training (mean of each fifth of the steps): {gap_trend(r['gap_curve'])} nats.\n",
                 f"![target vs CTRL per request](figures/target-{name}-target-vs-ctrl.png)\n"]
     write_section("target", "\n".join(doc))
-    (args.out / "main.json").write_text(json.dumps(res, indent=1))
+    write_json(args.out / "main.json", res)
     print("\n".join(doc))
 
 

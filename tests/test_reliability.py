@@ -278,7 +278,7 @@ def test_bad_resume_fails_in_one_line_and_touches_nothing(case, message, finetun
     (["sample", "--preset", "tiny", "--ckpt", "CKPT", "--y", "compress4=7"], "outside 0..3"),
     (["sample", "--preset", "tiny", "--method", "base", "--c", "12"], "outside 0..9"),
     (["classifier", "--preset", "tiny", "--set", "data.heldout=5000"], "data.heldout='5000': choose a value in 10..4990"),
-    (["classifier", "--preset", "tiny", "--set", "data.pairs=5"], "5 labelled pairs are too few"),
+    (["classifier", "--preset", "tiny", "--set", "data.pairs=5", "--set", "classifier.base_pairs=0"], "5 labelled pairs are too few"),
     (["finetune", "--preset", "sd_tiny", "--set", "sd.model=0"], "sd.model='0' has type int, expected str or null"),
     (["pretrain", "--preset", "tiny", "--resume", "NOWHERE"], "no run there"),
     (["pretrain", "--preset", "tiny", "--resume", "EXISTING", "--overwrite"], "drop --out and --overwrite"),

@@ -52,21 +52,24 @@ def step_times(schedule: Schedule, steps: int) -> list[tuple[Tensor, Tensor]]:
     return [(t, ts[i + 1] if i + 1 < steps else torch.tensor(-1)) for i, t in enumerate(ts)]
 
 
-def _detach_mask(steps: int, truncate, generator: torch.Generator | None) -> list[bool]:
-    """Which steps' network outputs are detached from the graph.
+def _detach_mask(steps: int, truncate, generator: torch.Generator | None, own: int | None = None) -> list[bool]:
+    """Which steps' network outputs are detached from the graph; `own` (default all) is how many steps the sampled
+    denoiser takes itself: the rest, the base's last step (`final=`), always keep their graph to x_t.
 
-    'random' is CTRL's randomised truncation: step i of N is detached with probability 1 - (i + 1) / N, so
-    early steps rarely carry gradients and the last always does.
+    'random' is CTRL's randomised truncation: step i of the N own steps is detached with probability
+    1 - (i + 1) / N, so early steps rarely carry gradients and the last own step always does (counted over all
+    steps instead, the base's last step would take that place and a rollout could carry no gradient at all).
     """
+    own = steps if own is None else own
     if truncate is None:
         return [False] * steps
     if truncate == "random":
         if generator is None:  # no graph to truncate: draw nothing, so the samples match grad=True's
             return [False] * steps
-        u = torch.rand(steps, generator=generator)
-        return [bool(u[i] < 1 - (i + 1) / steps) for i in range(steps)]
+        u = torch.rand(own, generator=generator)
+        return [bool(u[i] < 1 - (i + 1) / own) for i in range(own)] + [False] * (steps - own)
     if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate >= 0:
-        return [i < steps - truncate for i in range(steps)]
+        return [i < own - truncate for i in range(steps)]  # the last K of the own steps
     raise ValueError(f"unknown truncate={truncate!r}; choose {TRUNCATE_CHOICES}")
 
 
@@ -102,12 +105,13 @@ def sample(
         hack (docs/exactness.md). `final=` the frozen base closes it: `rl.final_step = "base"`.
     """
     ts = schedule.timesteps(steps)
-    detached = _detach_mask(steps, truncate, generator if grad else None)
+    own = steps - 1 if final is not None else steps  # steps the sampled denoiser takes itself
+    detached = _detach_mask(steps, truncate, generator if grad else None, own)
     x = x_T
     traj = Trajectory([x], [], [], ts, [] if reference is not None else None, eta=eta)
     for i, (t, t_prev) in enumerate(step_times(schedule, steps)):
         tb, t_prev = t.expand(x.shape[0]), t_prev.expand(x.shape[0])
-        no_graph = not grad or (isinstance(truncate, int) and i < steps - truncate)
+        no_graph = not grad or (isinstance(truncate, int) and i < own - truncate)
         with torch.set_grad_enabled(not no_graph):
             use_ckpt = checkpoint and not no_graph and not detached[i]
             net = final if final is not None and i == steps - 1 else denoiser
