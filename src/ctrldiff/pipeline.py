@@ -95,14 +95,15 @@ def fit_reward_terms(cfg: Config, run: Run | None = None, progress: bool = True,
     noise-aware classifier p̂(y | x_t, t) of the classifier-guidance baseline, from the same training pairs.
     pairs: {control: (train, heldout)} from disk (`ctrldiff.pairs`); other controls label the digits."""
     terms, reports, pairs = [], {}, pairs or {}
-    schedule = backend_for(cfg).schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
+    backend = backend_for(cfg) if noisy or cfg.classifier.base_pairs else None  # loaded once, not per control
+    schedule = backend.schedule if noisy else None  # the noise-aware classifier's q(x_t | x_0)
     for ctl in controls_of(cfg):
         if ctl.name in pairs:  # pairs from disk define the control: no oracle to label base samples with
             (x, y), (x_ho, y_ho) = ((p.x, p.y) for p in pairs[ctl.name])
         else:
             x, y = pairs_for(ctl, "train", cfg)
             if cfg.classifier.base_pairs:
-                xb, yb = base_pairs(ctl, cfg, backend_for(cfg), progress)
+                xb, yb = base_pairs(ctl, cfg, backend, progress)
                 x, y = torch.cat([x, xb]), torch.cat([y, yb])
             x_ho, y_ho = pairs_for(ctl, "heldout", cfg)
         every = cfg.classifier.checkpoint_every
