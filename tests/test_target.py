@@ -25,6 +25,8 @@ from ctrldiff.target import (
     load_bank,
     log_z_table,
     lookup,
+    meter,
+    on_trusted,
     target_metrics,
 )
 from ctrldiff.tasks.controls import Control
@@ -153,6 +155,11 @@ def test_objective_j_is_the_hand_computed_one_and_the_gap_uses_log_z(tiny_backen
     assert out["log_z"] == pytest.approx(log_z[cond.c, cond.y["bright2"]].mean().item())
     assert out["gap"] == pytest.approx(out["log_z"] - j, abs=1e-4)
     assert len(out["per_cell"]) == 8 and all(r["n"] == 1 for r in out["per_cell"])
+    clf_ok = term.classifier(tiny_backend.classifier_input(traj.x0)).argmax(-1) == cond.y["bright2"]
+    assert out["classifier_accuracy"] == pytest.approx(clf_ok.float().mean().item())
+    for r in out["per_cell"]:  # one sample per cell
+        i = int(torch.nonzero((cond.c == r["c"]) & (cond.y["bright2"] == r["y"][0]))[0, 0])
+        assert r["classifier_accuracy"] == float(clf_ok[i])
 
 
 def test_log_z_minus_j_is_nonnegative_on_2d_and_logged_while_fine_tuning():
@@ -185,3 +192,31 @@ def test_base_model_gap_is_jensens_and_positive(tiny_backend):
     table = log_z_table(lp, {"bright2": 4.0})
     j = 4.0 * lp["bright2"].mean(1)  # (num_c, K)
     assert bool((table >= j - 1e-5).all())
+
+
+def test_untrusted_cells_are_left_out_of_log_z_and_the_meter():
+    """A cell whose weight sits on one bank sample gets log Z = NaN at min_ess > 1 (its log-mean is biased low);
+    the meter averages log Z - J over the other requests only."""
+    # 2 digits x 100 samples, one control with 2 classes: class 1 is near-certain for exactly one sample of c = 0
+    lp = torch.full((2, 100, 2), math.log(0.5))
+    lp[0, :, 1], lp[0, 0, 1] = math.log(1e-6), 0.0
+    lp[0, :, 0] = torch.log1p(-lp[0, :, 1].exp())
+    table = log_z_table({"a": lp}, {"a": 5.0}, min_ess=10)
+    assert torch.isnan(table[0, 1]) and torch.isfinite(table[[0, 1, 1], [0, 0, 1]]).all()
+    assert torch.allclose(table[1], torch.full((2,), 5 * math.log(0.5)))  # every weight equal: log Z = gamma log p
+    assert torch.equal(torch.isfinite(log_z_table({"a": lp}, {"a": 5.0})), torch.ones(2, 2, dtype=torch.bool))
+    rows, j = torch.tensor([math.nan, -1.0, -2.0]), torch.tensor([-100.0, -3.0, -3.0])
+    assert meter(rows, j) == pytest.approx(1.5)  # ((-1 + 3) + (-2 + 3)) / 2; the NaN row left out
+    assert math.isnan(meter(torch.tensor([math.nan]), torch.tensor([0.0])))
+
+
+def test_on_trusted_compares_only_the_cells_the_target_is_sure_of():
+    target = [{"c": 0, "y": [0], "ess": 500.0, "accuracy": 0.9, "digit_fidelity": 0.8, "classifier_accuracy": 1.0},
+              {"c": 0, "y": [1], "ess": 2.0, "accuracy": 0.1, "digit_fidelity": 0.0, "classifier_accuracy": 0.0},
+              {"c": 1, "y": [0], "ess": 40.0, "accuracy": 0.7, "digit_fidelity": 1.0, "classifier_accuracy": 0.5}]
+    method = [{"c": 0, "y": [0], "accuracy": 0.5, "n": 10}, {"c": 0, "y": [1], "accuracy": 1.0, "n": 10},
+              {"c": 1, "y": [0], "accuracy": 0.3, "n": 10}]
+    assert on_trusted(target, target, 30) == pytest.approx({"cells": 2, "accuracy": 0.8, "digit_fidelity": 0.9,
+                                                            "classifier_accuracy": 0.75})
+    out = on_trusted(method, target, 30)
+    assert out["cells"] == 2 and out["accuracy"] == pytest.approx(0.4) and math.isnan(out["digit_fidelity"])

@@ -81,28 +81,37 @@ def evaluate(method: Method, backend, controls: list[Control], cfg: Config, orac
             for name, v in zip(ks, combo):
                 m &= cond.y[name] == v
             out["per_corner"][",".join(f"{k}={v}" for k, v in zip(ks, combo))] = correct[m].float().mean().item()
-    out["per_cell"] = per_cell(correct, cond, ks)
     out["digit_fidelity"], out["feature_fid"] = math.nan, math.nan  # n/a without the digit oracle (SD)
+    digit_ok = None
     if oracle is not None:
-        out["digit_fidelity"] = (oracle.predict(images * 2 - 1) == cond.c).float().mean().item()
+        digit_ok = oracle.predict(images * 2 - 1) == cond.c
+        out["digit_fidelity"] = digit_ok.float().mean().item()
         out["feature_fid"] = frechet_distance(features(oracle, images), real_features)
+    verdicts = {"accuracy": correct, "digit_fidelity": digit_ok}
     if kl is not None:
         out["mean_kl"] = kl.mean().item()
     if terms:  # images in [0, 1] -> [-1, 1]: what `classifier_input` gives the classifiers on image backends
-        out["reward"] = sum(t.gamma * t.classifier.log_prob(images * 2 - 1, cond.y[t.control.name])
-                            for t in terms).mean().item()
+        reward = sum(t.gamma * t.classifier.log_prob(images * 2 - 1, cond.y[t.control.name]) for t in terms)
+        out["reward"] = reward.mean().item()
+        # the reward classifiers' own verdict: above the oracle's where the fine-tune found where they are wrong
+        verdicts["classifier_accuracy"] = torch.stack([t.classifier(images * 2 - 1).argmax(-1) == cond.y[t.control.name]
+                                                       for t in terms]).all(0)
+        out["classifier_accuracy"] = verdicts["classifier_accuracy"].float().mean().item()
         if kl is not None:
             out["objective"] = out["reward"] - out["mean_kl"]
-            if log_z is not None:
-                from .target import lookup
+            if log_z is not None:  # over the requests whose log Z is trusted (finite)
+                from .target import lookup, meter
 
-                out["log_z"] = lookup(log_z, cond, [t.control.name for t in terms]).mean().item()
-                out["gap"] = out["log_z"] - out["objective"]
+                rows = lookup(log_z, cond, [t.control.name for t in terms])
+                out["log_z"] = rows[torch.isfinite(rows)].mean().item()
+                out["gap"] = meter(rows, reward - kl)
+    out["per_cell"] = per_cell(cond, ks, verdicts)
     return out, images, cond
 
 
-def per_cell(correct: torch.Tensor, cond: Cond, ks: dict[str, int]) -> list[dict]:
-    """Joint accuracy per request (c, y): the rows of the target-vs-method heat map."""
+def per_cell(cond: Cond, ks: dict[str, int], verdicts: dict[str, torch.Tensor | None]) -> list[dict]:
+    """The mean of each per-sample verdict (joint accuracy, digit fidelity, ...; None = not available) per
+    request (c, y): the rows of the target-vs-method heat map."""
     out = []
     for c in range(int(cond.c.max()) + 1):
         for ys in itertools.product(*[range(k) for k in ks.values()]):
@@ -110,5 +119,6 @@ def per_cell(correct: torch.Tensor, cond: Cond, ks: dict[str, int]) -> list[dict
             for name, y in zip(ks, ys):
                 m &= cond.y[name] == y
             if m.any():
-                out.append({"c": c, "y": list(ys), "accuracy": correct[m].float().mean().item(), "n": int(m.sum())})
+                out.append({"c": c, "y": list(ys), "n": int(m.sum())} | {
+                    k: v[m].float().mean().item() for k, v in verdicts.items() if v is not None})
     return out

@@ -116,15 +116,39 @@ def log_weights(log_probs: dict[str, Tensor], gammas: dict[str, float], c: int, 
     return sum(gammas[name] * log_probs[name][c, :, y] for name, y in zip(gammas, ys))
 
 
-def log_z_table(log_probs: dict[str, Tensor], gammas: dict[str, float]) -> Tensor:
+def log_z_table(log_probs: dict[str, Tensor], gammas: dict[str, float], min_ess: float = 0.0) -> Tensor:
     """log Z(c, y) = log mean_bank prod_k p̂_k(y_k | x)^gamma_k, shape (num_c, K_1, ..., K_m): the optimum of
-    CTRL's objective for the request (c, y)."""
+    CTRL's objective for the request (c, y). Cells whose effective sample size is below `min_ess` are NaN: there
+    a few base samples carry all the weight and the log of their mean is biased low (Jensen), so a meter that
+    counted them would read a gap smaller than the true one (measured: docs/tuning.md, section ctrl-tuning)."""
     num_c, n = next(iter(log_probs.values())).shape[:2]
     ks = {k: log_probs[k].shape[-1] for k in gammas}
     table = torch.empty((num_c, *ks.values()))
     for c, ys in cells(num_c, ks):
-        table[(c, *ys)] = torch.logsumexp(log_weights(log_probs, gammas, c, ys), 0) - math.log(n)
+        lw = log_weights(log_probs, gammas, c, ys)
+        ess = 1 / torch.softmax(lw.double(), 0).pow(2).sum()
+        table[(c, *ys)] = torch.logsumexp(lw, 0) - math.log(n) if ess >= min_ess else math.nan
     return table
+
+
+def meter(log_z: Tensor, objective: Tensor) -> float:
+    """log Z - J in nats over the requests whose log Z is trusted (finite): KL(P_theta || P*) >= 0 on path space
+    up to Monte-Carlo error, how far a fine-tune is from its optimum. NaN if no request is trusted."""
+    ok = torch.isfinite(log_z)
+    return (log_z[ok] - objective[ok]).mean().item() if ok.any() else math.nan
+
+
+def on_trusted(cells: list[dict], target_cells: list[dict], min_ess: float) -> dict:
+    """Mean accuracy (and digit fidelity, the reward classifiers' accuracy where known) over the requests (c, y)
+    the target is trusted on: the
+    like-for-like comparison with the target, whose other cells rest on a handful of base samples."""
+    ok = {(r["c"], tuple(r["y"])) for r in target_cells if r["ess"] >= min_ess}
+    rows = [r for r in cells if (r["c"], tuple(r["y"])) in ok]
+    out = {"cells": len(rows)}
+    for key in ("accuracy", "digit_fidelity", "classifier_accuracy"):
+        vals = [r[key] for r in rows if key in r]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    return out
 
 
 def lookup(table: Tensor, cond: Cond, names) -> Tensor:
@@ -180,12 +204,13 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
     conf = {k: np.zeros((K, K)) for k, K in ks.items()}
     rows = []
     for (c, ys), w in est.weights.items():
-        ok = torch.ones_like(w, dtype=torch.bool)
+        ok, clf_ok = torch.ones_like(w, dtype=torch.bool), torch.ones_like(w, dtype=torch.bool)
         for name, y in zip(ks, ys):
             conf[name][y] += np.bincount(labels[name][c].numpy(), weights=w.double().numpy(), minlength=ks[name])
             ok &= labels[name][c] == y
+            clf_ok &= log_probs[name][c].argmax(-1) == y
         rows.append({"c": c, "y": list(ys), "ess": est.ess[(c, ys)], "log_z": est.log_z[(c, *ys)].item(),
-                     "accuracy": float((w * ok).sum()),
+                     "accuracy": float((w * ok).sum()), "classifier_accuracy": float((w * clf_ok).sum()),
                      "digit_fidelity": float((w * digit_ok[c]).sum()) if digit_ok is not None else math.nan})
     out: dict = {"method": "target", "knobs": {"gamma": gammas}, "samples": int(bank.shape[0] * bank.shape[1]),
                  "seconds_per_sample": math.nan, "cost_per_sample": {}, "cells": rows,
@@ -203,6 +228,7 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
         out["per_corner"] = {",".join(f"{k}={v}" for k, v in zip(ks, ys)): float(np.mean(
             [r["accuracy"] for r in rows if tuple(r["y"]) == ys])) for ys in itertools.product(*map(range, ks.values()))}
     out["digit_fidelity"] = float(np.mean([r["digit_fidelity"] for r in rows]))
+    out["classifier_accuracy"] = float(np.mean([r["classifier_accuracy"] for r in rows]))
     # --- resampling: as many draws as `evaluate` makes, for feature-FID and the sample grid
     cond = balanced_conditions(n, backend.num_c, ks)
     g, idx = torch.Generator().manual_seed(seed), torch.empty(n, dtype=torch.long)

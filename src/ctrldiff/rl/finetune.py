@@ -18,7 +18,7 @@ from ..contracts import Cond
 from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
 from ..sampling import sample
-from ..target import lookup
+from ..target import lookup, meter
 from ..tasks.controls import Control
 from . import scale
 from .objective import ctrl_objective
@@ -115,6 +115,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     log_z: log Z(c, y) per request (`target.log_z_table`, shape (num_c, K_1, ...)): each step then logs
     `gap` = log Z - J on its batch, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats, how far
     the fine-tune is from the objective's optimum (negative only where the unregularised last step is the model's).
+    Requests whose log Z is NaN (cells the bank barely reaches: `log_z_table(min_ess=)`) are left out of it.
 
     log_images(step, images, cond): the monitoring batch's decoded samples at each monitoring step."""
     rc, sc = cfg.rl, cfg.sampler
@@ -147,9 +148,9 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
         # --- reward: gamma_k log p̂_k(y_k | x_0) from each calibrated classifier; minus the path KL
         x = reward_input(backend, traj.x0)
         log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
-        loss, stats = ctrl_objective(traj, log_probs, gammas, rc.kl)
+        loss, stats, j = ctrl_objective(traj, log_probs, gammas, rc.kl)
         if log_z is not None and rc.kl == "sum":  # the convergence meter: log Z - J on this batch
-            stats["gap"] = lookup(log_z, cond, controls).mean().item() + stats["loss"]
+            stats["gap"] = meter(lookup(log_z, cond, controls), j)
         # --- update the new parameters only
         scale.backward(loss, accelerator)
         grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)

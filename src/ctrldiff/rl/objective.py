@@ -16,8 +16,9 @@ KL_CHOICES = ("sum", "mean")
 
 
 def ctrl_objective(traj: Trajectory, log_probs: dict[str, Tensor], gammas: dict[str, float],
-                   kl_reduction: str = "sum") -> tuple[Tensor, dict]:
-    """The loss to minimise (batch mean of KL - reward) and per-term statistics.
+                   kl_reduction: str = "sum") -> tuple[Tensor, dict, Tensor]:
+    """The loss to minimise (batch mean of KL - reward), per-term statistics and each sample's objective
+    J_i = reward_i - KL_i (detached; the convergence meter's).
 
     kl_reduction "mean" divides the KL by the number of dimensions d, as the official code does (METHOD.md §3):
     the target is then p̂^(gamma d) p_pre, whatever gamma says. Kept to show that (docs/exactness.md), not as
@@ -31,4 +32,4 @@ def ctrl_objective(traj: Trajectory, log_probs: dict[str, Tensor], gammas: dict[
     loss = (kl - reward).mean()
     stats = {"loss": loss.item(), "reward": reward.mean().item(), "kl": kl.mean().item()}
     stats.update({f"log_p/{k}": lp.mean().item() for k, lp in log_probs.items()})
-    return loss, stats
+    return loss, stats, (reward - kl).detach()
