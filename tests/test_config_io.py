@@ -34,12 +34,13 @@ def test_presets():
 
 def test_override_sets_value_without_mutating():
     cfg = Config()
-    out = apply_overrides(cfg, ["rl.steps=5", "sampler.eta=0", "rl.truncate=null", "seed=3"])
+    out = apply_overrides(cfg, ["rl.steps=5", "sampler.eta=0", "rl.truncate=random", "seed=3"])
     assert out.rl.steps == 5 and cfg.rl.steps == RLConfig().steps
     assert out.sampler.eta == 0.0 and isinstance(out.sampler.eta, float)  # an int literal for a float field
-    assert out.rl.truncate is None and cfg.rl.truncate == RLConfig().truncate == "random"
+    assert out.rl.truncate == "random" and cfg.rl.truncate is RLConfig().truncate is None
     assert out.seed == 3 and cfg.seed == 0
     assert apply_overrides(cfg, ["rl.truncate=2"]).rl.truncate == 2
+    assert apply_overrides(out, ["rl.truncate=null"]).rl.truncate is None
     assert apply_overrides(cfg, ["pretrain.channels=[8, 16]"]).pretrain.channels == [8, 16]
     assert cfg == Config()
 
