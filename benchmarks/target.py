@@ -4,6 +4,10 @@
                                               #   -> docs/tuning.md, section classifiers (+ a reliability diagram)
     python benchmarks/target.py final-step    # rl.final_step "model" vs "base" at gamma 10 / 30, seeds
                                               #   -> docs/tuning.md, section final-step
+    python benchmarks/target.py tune          # CTRL's optimisation settings, each measured against the target
+                                              #   -> docs/tuning.md, section ctrl-tuning
+    python benchmarks/target.py step-time     # seconds per fine-tuning step by truncation, and a profile
+                                              #   -> docs/tuning.md, section step-time
     python benchmarks/target.py main          # the default presets: base, target and CTRL side by side
                                               #   -> docs/benchmarks.md, section target (+ heat maps)
 
@@ -47,7 +51,7 @@ from ctrldiff.pipeline import (
 from ctrldiff.plots import plot_reliability
 from ctrldiff.rl import RewardTerm
 from ctrldiff.runs import Run
-from ctrldiff.target import target_metrics
+from ctrldiff.target import on_trusted, target_metrics
 
 TUNING_MD = ROOT / "docs" / "tuning.md"
 FIGURES = ROOT / "docs" / "figures"
@@ -62,6 +66,37 @@ VARIANTS = [
     ("+ 20k, no noise, shift 2", ["classifier.noise=0.0", "classifier.shift=2"]),
     ("+ 50k base samples", [*OLD, "classifier.base_pairs=50000"]),
 ]
+
+
+# CTRL's optimisation settings (issue 14, part 5), each against the same target: (label, preset, overrides).
+# Rows are relative to the settings before the study (OLD_RL); row indices name the run folders, so rows are
+# only ever appended.
+OLD_RL = ["rl.truncate=random", "rl.steps=150", "rl.lr_schedule=constant"]
+C300 = ["rl.steps=300", "rl.lr_schedule=cosine"]
+C250 = ["rl.steps=250", "rl.lr_schedule=cosine"]
+FULL = ["rl.truncate=null"]
+_ROWS = [
+    ("random truncation, 150 steps (old default)", "default", []),
+    ("300 steps", "default", ["rl.steps=300"]),
+    ("300 steps, cosine", "default", C300),
+    ("full backprop", "default", FULL),
+    ("full backprop, 300 cosine", "default", [*FULL, *C300]),
+    ("300 cosine, lr / 3", "default", [*C300, "rl.lr_lora=1e-3", "rl.lr_emb=0.03"]),
+    ("300 cosine, LoRA lr x 3", "default", [*C300, "rl.lr_lora=1e-2"]),
+    ("300 cosine, rank 8", "default", [*C300, "rl.lora_rank=8"]),
+    ("full, 300 cosine, rank 8", "default", [*FULL, *C300, "rl.lora_rank=8"]),
+    ("300 steps, cosine, seed 1", "default", [*C300, "seed=1"]),
+    ("full backprop, 300 cosine, seed 1", "default", [*FULL, *C300, "seed=1"]),
+    ("random truncation, 150 steps (old default)", "multi", []),
+    ("full backprop, 300 cosine", "multi", [*FULL, *C300]),
+    ("full backprop, 250 cosine", "default", [*FULL, *C250]),
+    ("full backprop, 250 cosine, seed 1", "default", [*FULL, *C250, "seed=1"]),
+    ("full backprop, 250 cosine", "multi", [*FULL, *C250]),
+    ("full backprop, seed 1", "default", [*FULL, "seed=1"]),
+    ("full backprop, 200 cosine (new default)", "default", [*FULL, "rl.steps=200", "rl.lr_schedule=cosine"]),
+    ("full backprop, 200 cosine (new default)", "multi", [*FULL, "rl.steps=200", "rl.lr_schedule=cosine"]),
+]
+TUNE = [(label, preset, [*OLD_RL, *ov]) for label, preset, ov in _ROWS]
 
 
 def _command(part: str, args: list[str]) -> str:
@@ -152,12 +187,13 @@ def ctrl_task(preset: str, overrides: list[str], out: Path) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_tasks(jobs: list[tuple[str, list[str], Path]], parallel: int) -> list[dict]:
-    """Each job in its own process (one thread each when several run at once); results in job order."""
+def run_tasks(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int = 1) -> list[dict]:
+    """Each job in its own process (`threads` each when several run at once); results in job order. Each task
+    also writes its result.json into its run folder, so a sweep cut short keeps what it finished."""
     import os
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS="1") if parallel > 1 else dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if parallel > 1 else dict(os.environ)
     procs, results = [], [None] * len(jobs)
     pending = list(enumerate(jobs))
     while pending or procs:
@@ -179,6 +215,11 @@ def gap_trend(gaps: list[float], parts: int = 5) -> str:
     """The meter's mean over consecutive fifths of training: its trend in a few numbers."""
     chunks = np.array_split(np.array(gaps), parts)
     return " → ".join(f"{c.mean():.1f}" for c in chunks if len(c))
+
+
+def _acc(m: dict) -> float:
+    """Joint accuracy for several controls, else the one control's."""
+    return m.get("joint_accuracy", next(v["accuracy"] for v in m.values() if isinstance(v, dict) and "accuracy" in v))
 
 
 # --- final step ---------------------------------------------------------------------------------------------
@@ -209,11 +250,9 @@ def part_final_step(args) -> None:
               "path KL | log Z − J | meter over training |"), "|---" * 13 + "|"]
     for (preset, ov, _), r in zip(jobs, res):
         c, t = r["results"]["ctrl"], r["results"]["target"]
-        acc = (lambda m: m.get("joint_accuracy", next(iter(v["accuracy"] for k, v in m.items()
-                                                            if isinstance(v, dict) and "accuracy" in v))))
         cfg = r["config"]
         lines.append(f"| {preset} | {next(iter(cfg['rl']['controls'].values())):g} | {cfg['rl']['final_step']} | "
-                     f"{cfg['seed']} | {acc(c):.3f} | {acc(t):.3f} | {c['digit_fidelity']:.3f} | "
+                     f"{cfg['seed']} | {_acc(c):.3f} | {_acc(t):.3f} | {c['digit_fidelity']:.3f} | "
                      f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
                      f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
     write_doc_section(TUNING_MD, args.section or "final-step-" + "-".join(args.presets), "\n".join(lines))
@@ -259,6 +298,89 @@ def part_last_step(args) -> None:
     print("\n".join(lines))
 
 
+# --- tune: CTRL's optimisation, against the target ----------------------------------------------------------
+
+def part_tune(args) -> None:
+    """Runs the TUNE rows picked (all by default) into --out/<row>-<preset>, then tabulates every row that has a
+    finished run there: the sweep can be run in pieces, on different machines, and the table rebuilt (--pick)."""
+    t_start = time.time()
+    picked = range(len(TUNE)) if args.pick is None else args.pick
+    jobs = [(TUNE[i][1], [*args.overrides, *TUNE[i][2]], args.out / f"{i:02d}-{TUNE[i][1]}") for i in picked]
+    run_tasks(jobs, args.parallel, args.threads)
+    lines = ["## Tuning CTRL's optimisation against its target\n",
+             (f"Table written by `{_command('tune', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}, "
+              "from runs made in pieces (`--pick`) on the machines the column \"networks on\" names (the notes "
+              "below say which and how shared). Each row: one whole pipeline "
+              "(classifier fit, CTRL, evaluation with the target beside it) at the preset's settings with the "
+              "changes shown; γ = 10, final step base. acc = oracle accuracy (joint for the 2×2 task); target = "
+              "p_γ by importance sampling over the bank with the same run's classifiers; Δ = CTRL − target. "
+              "Trusted cells: the requests (c, y) where the bank's effective sample size is ≥ target.min_ess (29 "
+              "of 40 for compress4, 35 of 40 for 2×2); elsewhere a handful of base samples stand for the target. "
+              "log Z − J on the evaluation samples (nats, ≥ 0 up to Monte-Carlo error), and the meter's mean over "
+              "each fifth of training; rows measured before the meter left untrusted cells out (all but the new "
+              "defaults) count every cell, whose log Z is biased low, so their meter reads low. Fine-tuning seconds are where the networks ran, with other runs sharing "
+              "it: not the 2-core timing, which is in docs/benchmarks.md.\n"),
+             ("| task | changes | acc | Δ acc | Δ acc, trusted cells | fidelity | Δ fidelity | FID / target FID | "
+              "log Z − J | meter over training | networks on | fine-tune s |"), "|---" * 12 + "|"]
+    for i, (label, preset, _) in enumerate(TUNE):
+        f = args.out / f"{i:02d}-{preset}" / "result.json"
+        if not f.exists():  # cut short by a time limit: what its meter had reached
+            log = f.parent / "metrics.jsonl"
+            gaps = [r["gap"] for r in map(json.loads, log.read_text().splitlines()) if "gap" in r] if log.exists() else []
+            state = f"cut short at step {len(gaps)} |" + " |" * 6 + f" {gap_trend(gaps)} |" if gaps else "not run |" + " |" * 7
+            lines.append(f"| {preset} | {label} | {state} |" + " |" * 1)
+            continue
+        r = json.loads(f.read_text())
+        c, t = r["results"]["ctrl"], r["results"]["target"]
+        min_ess = r["config"]["target"]["min_ess"]
+        trusted = (on_trusted(c["per_cell"], t["cells"], min_ess)["accuracy"]
+                   - on_trusted(t["cells"], t["cells"], min_ess)["accuracy"])
+        lines.append(f"| {preset} | {label} | {_acc(c):.3f} | {_acc(c) - _acc(t):+.3f} | {trusted:+.3f} | "
+                     f"{c['digit_fidelity']:.3f} | {c['digit_fidelity'] - t['digit_fidelity']:+.3f} | "
+                     f"{c['feature_fid'] / t['feature_fid']:.2f} | {c['gap']:.1f} | {gap_trend(r['gap_curve'])} | "
+                     f"{r['config']['device']} | {r['finetune_seconds']:.0f} |")
+    write_doc_section(TUNING_MD, "ctrl-tuning", "\n".join(lines))
+    print("\n".join(lines))
+    print(f"{(time.time() - t_start) / 60:.1f} min")
+
+
+# --- step time: where a fine-tuning step's seconds go ----------------------------------------------------------
+
+def part_step_time(args) -> None:
+    """Seconds per optimiser step (steps 3-10 of a short fine-tune, this process's threads) for each truncation,
+    and the profiler's top operators of a full-back-propagation step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ctrldiff.rl import finetune
+
+    base = C.apply_overrides(C.preset("default"), ["classifier.epochs=1", "classifier.base_pairs=0",
+                                                    "rl.monitor_every=0", "rl.steps=10", *args.overrides])
+    terms, _ = fit_reward_terms(base, None, progress=False)
+    backend = backend_for(base)
+    rows = []
+    for trunc in ("random", "null"):
+        cfg = C.apply_overrides(base, [f"rl.truncate={trunc}"])
+        recs = []
+        finetune(backend, terms, cfg, log=recs.append, progress=False)
+        sec = [r["seconds"] for r in recs if "seconds" in r]
+        rows.append(f"| {trunc if trunc != 'null' else 'none (full)'} | {(sec[-1] - sec[2]) / (len(sec) - 3):.2f} |")
+    cfg = C.apply_overrides(base, ["rl.truncate=null", "rl.steps=2"])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        finetune(backend, terms, cfg, log=None, progress=False)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    top = [f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% |" for e in ops[:8]]
+    lines = ["## Where a fine-tuning step's time goes\n",
+             (f"Produced by `{_command('step-time', sys.argv[2:])}` on {machine()}, {torch.get_num_threads()} threads, "
+              f"{time.strftime('%Y-%m-%d')}. Seconds per optimiser step of the default preset (batch 32, 20 DDIM "
+              "steps, the last taken by the base), steps 3-10 of a short fine-tune:\n"),
+             "| truncation | s / step |", "|---|---|", *rows,
+             "\nThe profiler's top operators (self CPU time) of a full-back-propagation step:\n",
+             "| operator | share |", "|---|---|", *top]
+    write_doc_section(TUNING_MD, "step-time", "\n".join(lines))
+    print("\n".join(lines))
+
+
 # --- main: the default presets ----------------------------------------------------------------------------
 
 def reuse(files: list[Path], presets: list[str], overrides: list[str]) -> list[dict]:
@@ -281,10 +403,10 @@ def part_main(args) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     doc = ["# CTRL against its target p_γ\n",
            (f"Produced by `{_command('main', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; total "
-            f"{(time.time() - t_start) / 60:.1f} min" + (" (the runs themselves are those of the final-step study "
-                                                          "with exactly these settings, `--reuse`; their times were "
-                                                          "measured with 2-3 runs sharing the 2 cores, one thread each, "
-                                                          "so they are upper bounds)" if args.reuse else "")
+            f"{(time.time() - t_start) / 60:.1f} min" + (f" (the runs are the finished ones in "
+                                                          f"{', '.join(map(str, args.reuse))} with exactly these "
+                                                          "settings, `--reuse`; their times as measured there)"
+                                                          if args.reuse else "")
             + ". The target p_γ(x | c, y) ∝ Π_k p̂_k(y_k | x)^γ_k p_pre(x | c) "
             "is estimated by self-normalised importance sampling over a cached bank of base samples (ctrldiff/"
             "target.py) with the very classifiers CTRL was fine-tuned on; it is what CTRL's objective is "
@@ -312,7 +434,7 @@ def part_main(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["classifiers", "final-step", "last-step", "main", "task"])
+    ap.add_argument("part", choices=["classifiers", "final-step", "last-step", "tune", "step-time", "main", "task"])
     ap.add_argument("runs", nargs="*", type=Path, help="last-step: run folders of the final-step study")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None)
@@ -326,14 +448,22 @@ def main() -> None:
     ap.add_argument("--section", default=None, help="final-step: the docs/tuning.md section to write")
     ap.add_argument("--parallel", type=int, default=2, help="CTRL runs at a time (one thread each)")
     ap.add_argument("--limit", type=int, default=None, help="classifiers: only the first N variants")
+    ap.add_argument("--pick", nargs="*", type=int, default=None, help="tune: the rows of TUNE to run (default all)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per run when several run at once")
     ap.add_argument("--best", type=int, default=None, help="classifiers: the variant the reliability plot shows")
     args = ap.parse_args()
     args.out = args.out or Path("runs") / f"bench-target-{args.part}"
     if args.part == "task":
-        print("RESULT " + json.dumps(ctrl_task(args.preset, args.overrides, args.out)))
+        result = ctrl_task(args.preset, args.overrides, args.out)
+        write_json(args.out / "result.json", result)
+        print("RESULT " + json.dumps(result))
     elif args.part == "classifiers":
         args.gammas = args.gammas or [10.0, 30.0]
         part_classifiers(args)
+    elif args.part == "tune":
+        part_tune(args)
+    elif args.part == "step-time":
+        part_step_time(args)
     elif args.part == "last-step":
         part_last_step(args)
     elif args.part == "final-step":
