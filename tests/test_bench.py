@@ -2,25 +2,32 @@
 
 import json
 
-from ctrldiff.bench import GRID, SIZES, TASKS
+import pytest
+import torch
+
+from ctrldiff import bench
+from ctrldiff import config as C
+from ctrldiff.bench import GRID, SIZES, TASKS, best_at, pareto, stage
 from ctrldiff.cli import main
+from ctrldiff.runs import Run
 
 
-def test_quick_bench_writes_every_table_and_figure(tmp_path):
+def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     out, docs = tmp_path / "bench", tmp_path / "docs"
     (docs).mkdir()
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n<!-- section:core -->\nkept\n<!-- /section:core -->\n")
     assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs)]) == 0
     text = (docs / "benchmarks.md").read_text()
     assert "kept" in text  # another producer's section survives
-    for heading in ["## Single control: compress4", "## Multi-task 2×2", "## Sample efficiency", "## The γ trade-off",
-                    "## Sample grids", "## Beside the paper"]:
+    for heading in ["## Single control: compress4", "## Multi-task 2×2", "## Accuracy against quality",
+                    "## Sample efficiency", "## The γ trade-off", "## Sample grids", "## Beside the paper"]:
         assert heading in text, heading
-    for method in GRID:  # every method has a row in both tables and in the grid table
-        assert text.count(f"\n| {method} |") == 3, method
+    for method in GRID:  # every method has a row in both tables, both front tables and the grid table
+        assert text.count(f"\n| {method} |") == 5, method
+    assert text.count("\n| target |") == 2  # the target's own front on both tasks
     assert "**thickness2=1,compress2=0** (hard)" in text
     size = SIZES["quick"]
-    for name in ["sample_efficiency.png", "gamma_sweep.png",
+    for name in ["sample_efficiency.png", "gamma_sweep.png", *[f"front-{task}.png" for task in TASKS],
                  *[f"grid-{task}-{m}.png" for task in TASKS for m in GRID]]:
         path = docs / "figures" / name
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -28,7 +35,37 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path):
     results = json.loads((out / "bench.json").read_text())
     assert sorted(results["tasks"]["compress4"]["runs"]) == [str(s) for s in size.seeds]
     assert sorted(map(int, results["efficiency"]["ctrl"])) == size.pairs
+    assert all(len(v) == len(size.efficiency_seeds) for v in results["efficiency"]["cfg"].values())
+    fronts = results["fronts"]["compress4"]
+    assert [p["knobs"]["gamma"] for p in fronts["ctrl"]] == size.gammas  # CTRL over gamma
+    assert [p["knobs"]["gamma"] for p in fronts["target"]] == size.gammas
+    assert {len(fronts[m]) for m in ("smc", "svdd")} == {1}  # quick grid: one setting each
     assert results["seconds"] > 0 and results["peak_rss_gb"] > 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed bench redid finished work")
+
+    for name in ("fit_reward_terms", "run_finetune", "run_cfg_finetune", "evaluate"):
+        monkeypatch.setattr(bench, name, refuse)
+    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume"]) == 0
+    again = json.loads((out / "bench.json").read_text())
+    for key in ("tasks", "efficiency", "gamma", "fronts"):
+        assert again[key] == results[key], key
+    assert "the last invocation of a resumed run" in (docs / "benchmarks.md").read_text()
+
+
+def test_a_resumed_stage_is_kept_continued_or_redone_by_its_config(tmp_path):
+    cfg, root = C.tiny(), tmp_path / "ctrl"
+    Run(root, cfg).path("ctrl.safetensors").write_text("done")
+    assert stage(root, cfg, "ctrl.safetensors", resume=True, report_to="none") is None  # finished: kept
+    assert stage(root, cfg, "ctrl.safetensors", resume=False, report_to="none") is not None  # no resume: redone
+    assert not (root / "ctrl.safetensors").exists()
+    (root / "checkpoints").mkdir()
+    assert stage(root, cfg, "ctrl.safetensors", resume=True, report_to="none") is not None
+    assert (root / "checkpoints").is_dir()  # unfinished under the same config: continued from its checkpoints
+    other = C.apply_overrides(C.tiny(), ["rl.steps=4"])
+    assert stage(root, other, "ctrl.safetensors", resume=True, report_to="none") is not None
+    assert not (root / "checkpoints").exists()  # another config: started afresh
 
 
 def test_bench_refuses_an_existing_run_folder(tmp_path):
@@ -36,3 +73,40 @@ def test_bench_refuses_an_existing_run_folder(tmp_path):
     (tmp_path / "bench" / "keep.txt").write_text("x")
     assert main(["bench", "--quick", "--out", str(tmp_path / "bench")]) == 2
     assert (tmp_path / "bench" / "keep.txt").read_text() == "x"
+    assert main(["bench", "--quick", "--out", str(tmp_path / "bench"), "--resume", "--overwrite"]) == 2
+
+
+def _pts(*pairs):
+    return [{"digit_fidelity": f, "accuracy": a} for f, a in pairs]
+
+
+def test_front_keeps_only_undominated_points_by_fidelity():
+    front = pareto(_pts((0.9, 0.5), (0.8, 0.7), (0.85, 0.6), (0.7, 0.6), (0.95, 0.3)))
+    assert [(p["digit_fidelity"], p["accuracy"]) for p in front] == [(0.8, 0.7), (0.85, 0.6), (0.9, 0.5), (0.95, 0.3)]
+
+
+@pytest.mark.parametrize("level, best", [(0.75, 0.7), (0.8, 0.7), (0.825, 0.65), (0.9, 0.5), (0.93, 0.38), (0.96, None)])
+def test_best_accuracy_at_a_fidelity_is_interpolated_along_the_front(level, best):
+    pts = _pts((0.9, 0.5), (0.8, 0.7), (0.85, 0.6), (0.7, 0.6), (0.95, 0.3))
+    got = best_at(pts, level)
+    assert got == pytest.approx(best) if best is not None else got is None
+
+
+def test_a_front_that_never_reaches_the_level_says_so():
+    assert best_at(_pts((0.5, 0.9), (0.6, 0.8)), 0.8) is None and best_at([], 0.8) is None
+
+
+def test_the_classifier_takes_its_minimum_steps_with_few_pairs(monkeypatch):
+    """N = 100 pairs, batch 128, 15 epochs: 15 optimiser steps by epochs alone, min_steps when that is more."""
+    from ctrldiff.classifier import fit_classifier
+    from ctrldiff.config import ClassifierConfig
+
+    calls = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (calls.append(1), step(self, *a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand((100, 1, 16, 16), generator=g) * 2 - 1, torch.randint(0, 4, (100,), generator=g)
+    for min_steps, want in [(0, 15), (40, 40)]:
+        calls.clear()
+        fit_classifier(x, y, 4, ClassifierConfig(min_steps=min_steps, width=8), progress=False)
+        assert len(calls) == want

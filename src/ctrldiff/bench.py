@@ -1,9 +1,10 @@
 """`ctrldiff bench`: the CTRL paper's evaluation at our scale, in one command.
 
 Tables (single control compress4; the 2x2 multi-task thickness2 x compress2) with every method at its best
-setting from a documented grid, mean ± std over seeds; figures (sample efficiency of CTRL's pairs against
-CFG's triplets, the gamma trade-off, sample grids per method); and our numbers beside the paper's. Writes the
-`bench` section of `<docs>/benchmarks.md` and PNGs under `<docs>/figures/`.
+setting from a documented grid, mean ± std over seeds; every method's accuracy-quality front along its knob with
+the target p_gamma's beside it, and the best accuracy each reaches at a digit fidelity level; figures (the fronts,
+sample efficiency of CTRL's pairs against CFG's triplets, the gamma trade-off, sample grids per method); and our
+numbers beside the paper's. Writes the `bench` section of `<docs>/benchmarks.md` and PNGs under `<docs>/figures/`.
 
 A seed is one whole pipeline: classifiers, CTRL, CFG and every method's sampling. The grid search runs once,
 on seed 0's models with a separate sampling seed, at `tune_per_class` samples per class.
@@ -16,6 +17,7 @@ import itertools
 import os
 import platform
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from . import config as C
+from .classifier import classifier_steps
 from .evaluate import evaluate
-from .io import CtrlDiffError, read_json, write_json, write_section
+from .io import CtrlDiffError, atomic_path, read_json, write_json, write_section
 from .pipeline import (
     backend_for,
     controls_of,
@@ -69,13 +72,14 @@ class BenchSize:
     per_class: int  # samples per class (per joint class for the 2x2 task) in the reported runs
     tune_per_class: int
     grid: dict = field(default_factory=lambda: GRID)
-    pairs: list[int] = field(default_factory=lambda: [100, 300, 1000, 3000])  # sample-efficiency study
+    pairs: list[int] = field(default_factory=lambda: [100, 300, 1000, 4000])  # sample-efficiency study
+    efficiency_seeds: list[int] = field(default_factory=lambda: [0, 1])
     gammas: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
 
 
 SIZES = {
     "full": BenchSize("default", [0, 1, 2], [0], 128, 32),
-    "quick": BenchSize("tiny", [0, 1], [0], 2, 1, QUICK_GRID, [20, 40], [1.0, 10.0]),  # a smoke run: minutes
+    "quick": BenchSize("tiny", [0, 1], [0], 2, 1, QUICK_GRID, [20, 40], [0], [1.0, 10.0]),  # a smoke run: minutes
 }
 TASKS = {"compress4": {"compress4": 10.0}, "multi": {"thickness2": 10.0, "compress2": 10.0}}
 
@@ -99,33 +103,67 @@ def task_config(size: BenchSize, controls: dict, seed: int, **overrides) -> C.Co
     return cfg
 
 
+def stage(root: Path, cfg: C.Config, done: str, resume: bool, report_to: str) -> Run | None:
+    """One training stage's run folder. With `resume`, None where the stage finished (`done` written) under this
+    very config, and an unfinished one under it continues from its checkpoints; anything else starts afresh."""
+    same = (resume and (root / "config.json").is_file()
+            and C.config_diff(read_json(root / "config.json"), cfg.to_dict()) is None)
+    if same and (root / done).is_file():
+        return None
+    return Run(root, cfg, overwrite=not same, resume=same, report_to=report_to)
+
+
 def prepare(cfg: C.Config, root: Path, progress: bool = False, seconds: dict | None = None,
-            report_to: str = "none") -> dict:
+            report_to: str = "none", resume: bool = False) -> dict:
     """Classifiers (reward, monitor, noise-aware), CTRL and CFG for one config, under root; the wall time of
-    each stage goes into `seconds` if given; each run reports to the `report_to` experiment trackers."""
-    backend, t0, times = backend_for(cfg), time.time(), {}
-    terms, _ = fit_reward_terms(cfg, Run(root / "classifiers", cfg, True, report_to=report_to), progress, noisy=True)
-    times["classifiers (reward, monitor, noise-aware)"], t0 = time.time() - t0, time.time()
-    run_finetune(cfg, Run(root / "ctrl", cfg, True, report_to=report_to), terms, backend, progress)
-    times["CTRL fine-tuning"], t0 = time.time() - t0, time.time()
-    run_cfg_finetune(cfg, Run(root / "cfg", cfg, True, report_to=report_to), backend, progress)
-    times["CFG on triplets"] = time.time() - t0
+    each stage goes into `seconds` if given; each run reports to the `report_to` experiment trackers.
+    resume: keep the stages that finished under this config (and their measurements), continue the others."""
+    backend, t0, times, trained = backend_for(cfg), time.time(), {}, False
+    if run := stage(root / "classifiers", cfg, "classifiers.json", resume, report_to):
+        terms, _ = fit_reward_terms(cfg, run, progress, noisy=True)
+    else:
+        terms = load_reward_terms(cfg, root / "classifiers")
+    times["classifiers (reward, monitor, noise-aware)"], t0, trained = time.time() - t0, time.time(), run is not None
+    if run := stage(root / "ctrl", cfg, "ctrl.safetensors", resume, report_to):
+        run_finetune(cfg, run, terms, backend, progress)
+    times["CTRL fine-tuning"], t0, trained = time.time() - t0, time.time(), trained or run is not None
+    if run := stage(root / "cfg", cfg, "cfg.safetensors", resume, report_to):
+        run_cfg_finetune(cfg, run, backend, progress)
+    times["CFG on triplets"], trained = time.time() - t0, trained or run is not None
+    if trained:  # the measurements kept for a resume were of other models
+        shutil.rmtree(root / "measured", ignore_errors=True)
     if seconds is not None:
         seconds.update(times)
     return {"classifiers": root / "classifiers", "ctrl": root / "ctrl" / "ctrl.safetensors",
-            "cfg": root / "cfg" / "cfg.safetensors"}
+            "cfg": root / "cfg" / "cfg.safetensors", "measured": root / "measured"}
 
 
 def measure(cfg: C.Config, paths: dict, name: str, knobs: dict, env: dict, seed: int):
-    """One method's metrics (and its images and conditions) at `cfg.eval.per_class`."""
+    """One method's metrics (and its images and conditions) at `cfg.eval.per_class`; kept under
+    paths["measured"] and reused when the bench resumes."""
+    knob_key = "-".join(f"{k}{v:g}" for k, v in knobs.items())
+    cache = paths["measured"] / f"{name}{knob_key and '-' + knob_key}-n{cfg.eval.per_class}-s{seed}.pt"
+    if env["resume"] and cache.is_file():
+        return torch.load(cache, weights_only=False)
     method = method_for(cfg, name, env["backend"], knobs, paths.get(name) if name in ("ctrl", "cfg") else None,
                         paths["classifiers"])
-    return evaluate(method, env["backend"], controls_of(cfg), cfg, env["oracle"], env["real"],
-                    reference=env["backend"].denoiser, seed=seed, progress=False)
+    result = evaluate(method, env["backend"], controls_of(cfg), cfg, env["oracle"], env["real"],
+                      reference=env["backend"].denoiser, seed=seed, progress=False)
+    with atomic_path(cache) as tmp:
+        torch.save(result, tmp)
+    return result
 
 
 def accuracy(metrics: dict, controls: list[str]) -> float:
     return metrics["joint_accuracy"] if len(controls) > 1 else metrics[controls[0]]["accuracy"]
+
+
+def point(method: str, knobs: dict, m: dict, controls: list[str]) -> dict:
+    """One setting of one method on a front: accuracy, digit fidelity, feature-FID and cost per sample."""
+    cost = m.get("cost_per_sample", {})
+    return {"method": method, "knobs": knobs, "accuracy": accuracy(m, controls), "digit_fidelity": m["digit_fidelity"],
+            "feature_fid": m["feature_fid"], "seconds_per_sample": m["seconds_per_sample"],
+            "passes": cost.get("forward_denoiser", 0) + cost.get("backward_denoiser", 0)}
 
 
 def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
@@ -135,7 +173,7 @@ def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
     for seed in size.seeds if task == "compress4" else size.multi_seeds:
         cfg = task_config(size, TASKS[task], seed)
         bar.set_postfix_str(f"{task} seed {seed}: classifiers, CTRL, CFG")
-        paths = prepare(cfg, out / task / f"seed{seed}", report_to=env["report_to"])
+        paths = prepare(cfg, out / task / f"seed{seed}", report_to=env["report_to"], resume=env["resume"])
         if not best:  # the grid search, once
             tune_cfg = copy.deepcopy(cfg)
             tune_cfg.eval.per_class = size.tune_per_class
@@ -144,9 +182,7 @@ def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
                 for knobs in settings(grid):
                     bar.set_postfix_str(f"{task} tuning {name} {knobs}")
                     rows.append((knobs, measure(tune_cfg, paths, name, knobs, env, TUNE_SEED)[0]))
-                tuning += [{"method": name, "knobs": k, "accuracy": accuracy(m, controls),
-                            "digit_fidelity": m["digit_fidelity"], "seconds_per_sample": m["seconds_per_sample"]}
-                           for k, m in rows]
+                tuning += [point(name, k, m, controls) for k, m in rows]
                 best[name] = max(rows, key=lambda r: accuracy(r[1], controls))[0]
         runs[seed] = {}
         for name, knobs in best.items():
@@ -159,16 +195,28 @@ def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
     return {"controls": controls, "best": best, "tuning": tuning, "runs": runs, "grids": images}
 
 
-def sample_efficiency(size: BenchSize, out: Path, env: dict, cfg_w: float, bar) -> dict:
-    """compress4 accuracy of CTRL from N pairs (x, y) and of CFG from N triplets (x, c, y), seed 0."""
-    result = {"ctrl": {}, "cfg": {}, "cfg_w": cfg_w}
+def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
+    """compress4: CTRL from N pairs (x, y) against CFG from N triplets (x, c, y), one whole pipeline per N and seed.
+    The reward classifier sees the N pairs alone (no base samples) and trains for at least
+    `classifier.min_steps` steps whatever N; CFG's w is tuned per N (on the first seed's model, sampling seed
+    TUNE_SEED) as CTRL's gamma is fixed. Accuracy and digit fidelity of both."""
+    result: dict = {"ctrl": {}, "cfg": {}, "cfg_w": {}}
     for n in size.pairs:
-        bar.set_postfix_str(f"sample efficiency N={n}")
-        cfg = task_config(size, TASKS["compress4"], size.seeds[0], data__pairs=n, triplets__n=n)
-        paths = prepare(cfg, out / "efficiency" / f"n{n}", report_to=env["report_to"])
-        result["ctrl"][n] = measure(cfg, paths, "ctrl", {}, env, cfg.seed)[0]["compress4"]["accuracy"]
-        result["cfg"][n] = measure(cfg, paths, "cfg", {"w": cfg_w}, env, cfg.seed)[0]["compress4"]["accuracy"]
-        bar.update()
+        for seed in size.efficiency_seeds:
+            bar.set_postfix_str(f"sample efficiency N={n} seed {seed}")
+            cfg = task_config(size, TASKS["compress4"], seed, data__pairs=n, triplets__n=n, classifier__base_pairs=0)
+            paths = prepare(cfg, out / "efficiency" / f"n{n}-seed{seed}", report_to=env["report_to"],
+                            resume=env["resume"])
+            if n not in result["cfg_w"]:
+                tune_cfg = copy.deepcopy(cfg)
+                tune_cfg.eval.per_class = size.tune_per_class
+                result["cfg_w"][n] = max(size.grid["cfg"]["w"], key=lambda w: measure(
+                    tune_cfg, paths, "cfg", {"w": w}, env, TUNE_SEED)[0]["compress4"]["accuracy"])
+            for name, knobs in [("ctrl", {}), ("cfg", {"w": result["cfg_w"][n]})]:
+                m = measure(cfg, paths, name, knobs, env, seed)[0]
+                result[name].setdefault(n, []).append({"accuracy": m["compress4"]["accuracy"],
+                                                       "digit_fidelity": m["digit_fidelity"]})
+            bar.update()
     return result
 
 
@@ -179,22 +227,84 @@ def gamma_sweep(size: BenchSize, out: Path, env: dict, bar) -> dict:
     for gamma in size.gammas:
         bar.set_postfix_str(f"gamma {gamma:g}")
         cfg = task_config(size, {"compress4": gamma}, size.seeds[0])
-        ckpt = classifiers.parent / "ctrl" / "ctrl.safetensors"  # the main table's model is gamma = 10
+        seed_dir = classifiers.parent  # the main table's model is gamma = 10
+        paths = {"classifiers": classifiers, "ctrl": seed_dir / "ctrl" / "ctrl.safetensors",
+                 "measured": seed_dir / "measured"}
         if gamma != TASKS["compress4"]["compress4"]:
-            run = Run(out / "gamma" / f"g{gamma:g}", cfg, overwrite=True, report_to=env["report_to"])
-            run_finetune(cfg, run, load_reward_terms(cfg, classifiers), env["backend"], progress=False)
-            ckpt = run.path("ctrl.safetensors")
-        m = measure(cfg, {"classifiers": classifiers, "ctrl": ckpt}, "ctrl", {}, env, cfg.seed)[0]
-        result[gamma] = {"accuracy": m["compress4"]["accuracy"], "feature_fid": m["feature_fid"],
-                         "digit_fidelity": m["digit_fidelity"], "mean_kl": m["mean_kl"]}
+            root = out / "gamma" / f"g{gamma:g}"
+            if run := stage(root, cfg, "ctrl.safetensors", env["resume"], env["report_to"]):
+                run_finetune(cfg, run, load_reward_terms(cfg, classifiers), env["backend"], progress=False)
+                shutil.rmtree(root / "measured", ignore_errors=True)
+            paths |= {"ctrl": root / "ctrl.safetensors", "measured": root / "measured"}
+        m = measure(cfg, paths, "ctrl", {}, env, cfg.seed)[0]
+        result[gamma] = point("ctrl", {"gamma": gamma}, m, ["compress4"]) | {"mean_kl": m["mean_kl"]}
+        tune_cfg = copy.deepcopy(cfg)  # its point on the front: measured as the grid search measures
+        tune_cfg.eval.per_class = size.tune_per_class
+        result[gamma]["front"] = point("ctrl", {"gamma": gamma}, measure(tune_cfg, paths, "ctrl", {}, env, TUNE_SEED)[0],
+                                       ["compress4"])
         bar.update()
     return result
 
 
+def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]:
+    """The target p_gamma over the gamma grid (every control at that gamma), by importance sampling over the bank
+    with seed 0's reward classifiers, at the grid search's sample count: the front CTRL aims at."""
+    from .pipeline import target_bank
+    from .target import target_metrics
+
+    cfg = task_config(size, TASKS[task], size.seeds[0])
+    terms = load_reward_terms(cfg, out / task / f"seed{size.seeds[0]}" / "classifiers")
+    bank, controls = target_bank(cfg, env["backend"], progress=False), controls_of(cfg)
+    rows = []
+    for gamma in size.gammas:
+        for t in terms:
+            t.gamma = gamma
+        m = target_metrics(env["backend"], bank, terms, controls, size.tune_per_class, env["oracle"], env["real"],
+                           TUNE_SEED, cfg.target.min_ess)[0]
+        rows.append(point("target", {"gamma": gamma}, m, list(TASKS[task])) | {"untrusted": m["untrusted_cells"]})
+    return rows
+
+
+def fronts(task: dict, gammas: dict | None, target: list[dict]) -> dict[str, list[dict]]:
+    """Every method's points over its knob grid (the grid search's), CTRL's over gamma where swept, the target's."""
+    out: dict[str, list[dict]] = {}
+    for p in task["tuning"]:
+        out.setdefault(p["method"], []).append(p)
+    if gammas:
+        out["ctrl"] = [g["front"] for g in gammas.values()]
+    out["target"] = target
+    return out
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other beats in both accuracy and digit fidelity, by fidelity ascending (so by accuracy
+    descending): a method's front along its knobs."""
+    front = [p for p in points if not any(q["accuracy"] >= p["accuracy"] and q["digit_fidelity"] >= p["digit_fidelity"]
+                                          and (q["accuracy"], q["digit_fidelity"]) != (p["accuracy"], p["digit_fidelity"])
+                                          for q in points)]
+    return sorted(front, key=lambda p: (p["digit_fidelity"], -p["accuracy"]))
+
+
+def best_at(points: list[dict], fidelity: float) -> float | None:
+    """The best accuracy at digit fidelity >= `fidelity` along the method's front, interpolated linearly between
+    neighbouring front points (a mixture of the two settings reaches every point between them); None where no
+    setting reaches that fidelity."""
+    front = pareto(points)
+    if not front or front[-1]["digit_fidelity"] < fidelity:
+        return None
+    above = next(i for i, p in enumerate(front) if p["digit_fidelity"] >= fidelity)
+    if above == 0:
+        return front[0]["accuracy"]
+    lo, hi = front[above - 1], front[above]
+    w = (fidelity - lo["digit_fidelity"]) / (hi["digit_fidelity"] - lo["digit_fidelity"])
+    return lo["accuracy"] + w * (hi["accuracy"] - lo["accuracy"])
+
+
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
-              progress: bool = True, report_to: str = "none") -> dict:
+              progress: bool = True, report_to: str = "none", resume: bool = False) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
-    report_to: every training run (classifiers, CTRL, CFG, the gamma sweep) also logs to these trackers."""
+    report_to: every training run (classifiers, CTRL, CFG, the gamma sweep) also logs to these trackers.
+    resume: reuse what an interrupted bench in `out` finished under the same configs (models, measurements)."""
     if report_to != "none":
         trackers_for(report_to)  # fail before any work
     size = SIZES[size_name]
@@ -203,18 +313,23 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
     t0 = time.time()
     cfg = C.preset(size.preset)
     backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
-    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to}
-    total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) + len(size.gammas)
+    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to,
+           "resume": resume}
+    total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds) + len(size.gammas)
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
         tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}
-        efficiency = sample_efficiency(size, out, env, tasks["compress4"]["best"]["cfg"]["w"], bar)
+        efficiency = sample_efficiency(size, out, env, bar)
         gammas = gamma_sweep(size, out, env, bar)
+        bar.set_postfix_str("the target's fronts")
+        curves = {task: fronts(tasks[task], gammas if task == "compress4" else None, target_curve(size, task, out, env))
+                  for task in TASKS}
     results = {"size": size_name, "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "grids"}
                                              for k, v in tasks.items()},
-               "efficiency": efficiency, "gamma": gammas, "seconds": time.time() - t0,
+               "efficiency": efficiency, "gamma": gammas, "fronts": curves, "seconds": time.time() - t0,
+               "resumed": resume,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / "bench.json", results)
-    figures = write_figures(docs / "figures", tasks, efficiency, gammas)
+    figures = write_figures(docs / "figures", tasks, efficiency, gammas, curves)
     write_section(docs / "benchmarks.md", "bench", report(size_name, size, results, figures))
     return results
 
@@ -224,12 +339,14 @@ def rewrite_report(out: str | Path, docs: str | Path | None = None) -> dict:
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
     results = read_json(out / "bench.json")
-    results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()} for k in ("ctrl", "cfg")})
+    results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
+                                  for k in ("ctrl", "cfg", "cfg_w")})
     results["gamma"] = {float(g): v for g, v in results["gamma"].items()}
     for task in results["tasks"].values():  # JSON sorts keys: back to the methods' order
         task["best"] = {m: task["best"][m] for m in SIZES[results["size"]].grid if m in task["best"]}
     folder = docs / "figures"
     figures = {"efficiency": folder / "sample_efficiency.png", "gamma": folder / "gamma_sweep.png"}
+    figures.update({f"front-{t}": folder / f"front-{t}.png" for t in TASKS})
     figures.update({f"grid-{t}-{m}": folder / f"grid-{t}-{m}.png" for t in TASKS for m in results["tasks"][t]["best"]})
     missing = [str(p) for p in figures.values() if not p.is_file()]
     if missing:
@@ -281,28 +398,64 @@ def multi_table(task: dict) -> list[str]:
     return lines
 
 
-def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict) -> dict[str, Path]:
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+FRONT_STYLE = {"base": {"marker": "*", "ms": 12, "ls": "none"}, "target": {"marker": "s", "ls": "--", "color": "black"}}
+
+
+def front_figure(task: str, curves: dict[str, list[dict]], path: Path) -> Path:
+    """Accuracy against digit fidelity and against feature-FID, one curve per method along its knob (the base a
+    star, the target dashed), each method's cost per sample in the legend."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for method, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["digit_fidelity"])
+        ms = [1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"]]
+        cost = f" ({min(ms):.0f}–{max(ms):.0f} ms/sample)" if ms and min(ms) != max(ms) else (
+            f" ({ms[0]:.0f} ms/sample)" if ms else " (from the bank)")
+        for ax, key in zip(axes, ("digit_fidelity", "feature_fid")):
+            ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], **FRONT_STYLE.get(method, {"marker": "o"}),
+                    label=method + cost if ax is axes[0] else None)
+    axes[0].set(xlabel="digit fidelity (oracle digit = requested c)", ylabel="accuracy (oracle, joint)")
+    axes[1].set(xlabel="feature-FID to real digits (lower is better)")
+    fig.legend(loc="center right", fontsize=7)
+    fig.suptitle(f"Accuracy against quality along each method's knob: {task}")
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    return _save(fig, path)
+
+
+def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict, curves: dict) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
-
     folder.mkdir(parents=True, exist_ok=True)
     figures = {}
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for key, label in [("ctrl", "CTRL from N pairs (x, y)"), ("cfg", f"CFG from N triplets (x, c, y), w={efficiency['cfg_w']:g}")]:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, label in [("ctrl", "CTRL from N pairs (x, y)"), ("cfg", "CFG from N triplets (x, c, y), w tuned per N")]:
         ns = sorted(efficiency[key])
-        ax.plot(ns, [efficiency[key][n] for n in ns], "o-", label=label)
-    ax.set(xscale="log", xlabel="labelled examples N", ylabel="compress4 accuracy (oracle)", ylim=(0, 1))
-    ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 classes)")
-    ax.legend(fontsize=8)
+        for ax, metric in zip(axes, ("accuracy", "digit_fidelity")):
+            vals = [[r[metric] for r in efficiency[key][n]] for n in ns]
+            ax.errorbar(ns, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], marker="o", capsize=3,
+                        label=label)
+    axes[0].axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 classes)")
+    axes[0].set(xscale="log", xlabel="labelled examples N", ylabel="compress4 accuracy (oracle)", ylim=(0, 1))
+    axes[1].set(xscale="log", xlabel="labelled examples N", ylabel="digit fidelity", ylim=(0, 1))
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Sample efficiency on compress4 (mean ± std over seeds)")
     fig.tight_layout()
-    figures["efficiency"] = folder / "sample_efficiency.png"
-    with atomic_path(figures["efficiency"]) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    figures["efficiency"] = _save(fig, folder / "sample_efficiency.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     gs = sorted(gammas)
@@ -315,11 +468,10 @@ def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict) -> 
         ax.set(xlabel=label, ylabel="compress4 accuracy (oracle)")
     fig.suptitle("CTRL's γ trade-off (compress4)")
     fig.tight_layout()
-    figures["gamma"] = folder / "gamma_sweep.png"
-    with atomic_path(figures["gamma"]) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    figures["gamma"] = _save(fig, folder / "gamma_sweep.png")
 
+    for task, task_curves in curves.items():
+        figures[f"front-{task}"] = front_figure(task, task_curves, folder / f"front-{task}.png")
     for task, result in tasks.items():
         for method, grid in result["grids"].items():
             figures[f"grid-{task}-{method}"] = folder / f"grid-{task}-{method}.png"
@@ -327,14 +479,31 @@ def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict) -> 
     return figures
 
 
+def front_table(curves: dict[str, list[dict]], levels=(0.90, 0.80)) -> list[str]:
+    """Per method: the best accuracy at digit fidelity >= each level along its own front, and its cost."""
+    lines = ["| method | " + " | ".join(f"best accuracy at fidelity ≥ {v:.2f}" for v in levels) +
+             " | ms / sample | network passes / sample |", "|---" * (len(levels) + 3) + "|"]
+    for method, pts in curves.items():
+        best = [best_at(pts, v) for v in levels]
+        ms = sorted(1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"])
+        passes = sorted(p["passes"] for p in pts) if ms else []  # the target is not sampled: no cost
+        span = (lambda v, f: "—" if not v else f"{v[0]:{f}}" if v[0] == v[-1] else f"{v[0]:{f}}–{v[-1]:{f}}")
+        lines.append(f"| {method} | " + " | ".join("not reached" if b is None else f"{b:.3f}" for b in best) +
+                     f" | {span(ms, '.1f')} | {span(passes, 'g')} |")
+    return lines
+
+
 def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Path]) -> str:
     c4, multi = results["tasks"]["compress4"], results["tasks"]["multi"]
     rel = {k: f"figures/{p.name}" for k, p in figures.items()}
     command = "ctrldiff bench" + (" --quick" if size_name == "quick" else "") + " --docs docs"
+    wall = f"wall time {results['seconds'] / 60:.1f} min" + (
+        " (the last invocation of a resumed run: what earlier ones finished is not counted)"
+        if results.get("resumed") else "")
     lines = [
         "# The paper's evaluation at our scale (`ctrldiff bench`)\n",
-        (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; wall time "
-         f"{results['seconds'] / 60:.1f} min, peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
+        (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; {wall}, "
+         f"peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
          f"preset `{size.preset}`, seeds {size.seeds} for compress4 and {size.multi_seeds} for the 2×2 task (a seed "
          f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each method's setting is its best accuracy over the "
          f"grid below, searched once on seed {size.seeds[0]}'s models with sampling seed {TUNE_SEED} at "
@@ -343,17 +512,28 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         "## Single control: compress4\n", *single_table(c4), "",
         "## Multi-task 2×2: thickness2 × compress2 (per-corner joint accuracy)\n",
         f"The hard corner, thick yet compressible (`{HARD_CORNER}`), is in bold.\n", *multi_table(multi), "",
+        "## Accuracy against quality: each method along its knob\n",
+        ("Every setting of the grid search (seed 0's models, sampling seed "
+         f"{TUNE_SEED}, {size.tune_per_class} samples per class), CTRL over γ {size.gammas} on compress4 (its other "
+         "task at γ = 10 only), and the target p_γ over the same γ from the bank (seed 0's classifiers). Best "
+         "accuracy at a fidelity level: along the method's own front (its points no other of its points beats in "
+         "both), linear between neighbours (a mixture of the two settings); \"not reached\" where no setting "
+         "gets there. One seed; the cost columns span the method's settings.\n"),
+        *[x for task in TASKS for x in (f"### {task}\n", f"![{task} front]({rel[f'front-{task}']})\n",
+                                        *front_table(results["fronts"][task]), "")],
         "## Sample efficiency: CTRL's pairs against CFG's triplets\n",
-        (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) and fine-tunes "
-         f"by RL; CFG is the same augmented model trained by score matching on N triplets (x, c, y), sampled at its "
-         f"tuned w = {results['efficiency']['cfg_w']:g}. Seed {size.seeds[0]}.\n"),
-        ("Caveat, read before the curve: the reward classifier trains for a fixed number of epochs, so its "
-         "optimiser steps shrink with N (" + ", ".join(f"{classifier_steps(size, n)} at N = {n}" for n in size.pairs)
-         + "), while CFG always takes its full number of steps. The small-N CTRL points therefore measure a barely "
-         "trained classifier, not CTRL's use of pairs; a minimum number of classifier steps is the fix.\n"),
+        (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) alone (no base "
+         "samples) and fine-tunes by RL; CFG is the same augmented model trained by score matching on N triplets "
+         "(x, c, y), sampled at the w that its grid search chose for that N. The classifier trains for at least "
+         f"{C.preset(size.preset).classifier.min_steps} optimiser steps whatever N ("
+         + ", ".join(f"{classifier_steps(_train(n, size), C.preset(size.preset).classifier)} at N = {n}"
+                     for n in size.pairs)
+         + f"; docs/tuning.md, section min-steps). Seeds {size.efficiency_seeds}, mean ± std.\n"),
         "| N | " + " | ".join(str(n) for n in size.pairs) + " |", "|---" * (len(size.pairs) + 1) + "|",
-        "| CTRL | " + " | ".join(f"{results['efficiency']['ctrl'][n]:.3f}" for n in size.pairs) + " |",
-        "| CFG | " + " | ".join(f"{results['efficiency']['cfg'][n]:.3f}" for n in size.pairs) + " |", "",
+        *[f"| {name} {metric.replace('_', ' ')} | " + " | ".join(
+            _ms([r[metric] for r in results["efficiency"][name][n]]) for n in size.pairs) + " |"
+          for name in ("ctrl", "cfg") for metric in ("accuracy", "digit_fidelity")],
+        "| CFG's w | " + " | ".join(f"{results['efficiency']['cfg_w'][n]:g}" for n in size.pairs) + " |", "",
         "## The γ trade-off\n",
         (f"![gamma sweep]({rel['gamma']})\n\nCTRL on compress4 for each γ, seed {size.seeds[0]}'s classifiers; the "
          "paper fixes γ and leaves this curve open.\n"),
@@ -370,10 +550,9 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
     return "\n".join(lines)
 
 
-def classifier_steps(size: BenchSize, n: int) -> int:
-    """Optimiser steps of `fit_classifier` on n pairs (the share held back for calibration excluded)."""
-    cc = C.preset(size.preset).classifier
-    return cc.epochs * max(1, (n - max(1, int(cc.val_frac * n))) // cc.batch)
+def _train(n: int, size: BenchSize) -> int:
+    """Pairs the classifier trains on out of n (the share held back for calibration excluded)."""
+    return n - max(1, int(C.preset(size.preset).classifier.val_frac * n))
 
 
 def paper_section(results: dict) -> str:

@@ -123,18 +123,24 @@ def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:
             "ece_raw": expected_calibration_error(raw, y), "ece_calibrated": expected_calibration_error(cal, y)}
 
 
+def classifier_steps(n: int, cfg: ClassifierConfig) -> int:
+    """Optimiser steps of `fit_net` on n training pairs: cfg.epochs epochs, at least cfg.min_steps."""
+    return max(cfg.epochs * max(1, n // cfg.batch), cfg.min_steps)
+
+
 def fit_net(net: nn.Module, x: Tensor, y: Tensor, cfg: ClassifierConfig, g: torch.Generator, inputs,
             name: str = "", log=None, progress: bool = True, ckpt: Checkpointer | None = None) -> None:
     """Maximum likelihood with AdamW and a one-cycle schedule; `inputs(x_batch)` builds what the net sees.
+    It takes cfg.epochs epochs, or more where that is fewer than cfg.min_steps optimiser steps (few pairs).
     ckpt: resume from / save to (the epoch's shuffle is saved with it, so a resume mid-epoch is exact)."""
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(x) // cfg.batch)
-    total = cfg.epochs * steps_per_epoch
+    total = classifier_steps(len(x), cfg)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total)
     ckpt = ckpt or Checkpointer(None, {}, cfg.checkpoint_every)
     start, extra = ckpt.start(total, {"net": net, "opt": opt, "sched": sched}, {"g": g})
     order, loss = extra.get("order"), extra.get("loss")
-    bar = tqdm(total=cfg.epochs, initial=start // steps_per_epoch, desc=f"classifier {name}",
+    bar = tqdm(total=-(-total // steps_per_epoch), initial=start // steps_per_epoch, desc=f"classifier {name}",
                disable=not progress, dynamic_ncols=True)
     for step in range(start, total):
         epoch, i = divmod(step, steps_per_epoch)

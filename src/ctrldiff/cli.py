@@ -432,10 +432,13 @@ def cmd_bench(args) -> None:
         rewrite_report(out, args.docs)
         print(f"rewrote {(args.docs or out / 'docs') / 'benchmarks.md'} from {out / 'bench.json'}")
         return
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CtrlDiffError(f"run folder {out} already exists; pass --overwrite or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise CtrlDiffError(f"run folder {out} already exists; pass --resume, --overwrite or choose another --out")
+    if args.overwrite and args.resume:
+        raise CtrlDiffError("bench: --resume keeps what a run in --out finished, --overwrite redoes it; pass one")
     docs = args.docs or out / "docs"
-    results = run_bench("quick" if args.quick else "full", out, docs, report_to=args.report_to or "none")
+    results = run_bench("quick" if args.quick else "full", out, docs, report_to=args.report_to or "none",
+                        resume=args.resume)
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
 
@@ -512,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where benchmarks.md (section `bench`) and figures/ go (default <out>/docs; the "
                         "repository's docs/ are written by `ctrldiff bench --docs docs`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted bench in --out: stages finished under the same configs (classifiers, "
+                        "fine-tunes, measurements) are reused, unfinished fine-tunes continue from their checkpoints")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
     _report(p)

@@ -48,6 +48,8 @@ class ClassifierConfig:
     width: int = 32  # channels of the CNN's first layer (x2 after); the penultimate layer has 2 x width features
     base_pairs: int = 20000  # oracle-labelled base samples added to the pairs of a control with a labeller (their
     # own cached bank, built once): they raised the target p_gamma's accuracy 0.810 -> 0.865 (docs/tuning.md)
+    min_steps: int = 1000  # at least this many optimiser steps whatever the number of pairs: with epochs alone,
+    # 100 pairs meant 15 steps (a barely trained classifier; docs/tuning.md, section min-steps)
     checkpoint_every: int = 100  # optimiser steps between checkpoints of each classifier (--resume)
 
 
@@ -172,7 +174,7 @@ def tiny() -> Config:
     cfg = Config(name="tiny")
     cfg.sampler.steps = 5
     cfg.pretrain.steps, cfg.pretrain.batch, cfg.pretrain.channels = 20, 16, [8, 16]
-    cfg.classifier.epochs = 1
+    cfg.classifier.epochs, cfg.classifier.min_steps = 1, 0
     cfg.rl.steps, cfg.rl.batch, cfg.rl.monitor_every = 3, 8, 2
     cfg.triplets.steps, cfg.triplets.batch = 3, 8
     cfg.eval.per_class = 4
@@ -196,6 +198,7 @@ def sd_compress4() -> Config:
     cfg.rl.batch, cfg.rl.steps, cfg.rl.monitor_every = 4, 200, 50  # batch per GPU (x sd.accumulate)
     cfg.rl.truncate, cfg.rl.checkpoint, cfg.rl.lr_schedule = "random", True, "constant"
     cfg.classifier.epochs, cfg.classifier.batch, cfg.classifier.shift, cfg.classifier.base_pairs = 10, 32, 0, 0
+    cfg.classifier.min_steps = 0  # the official head fit: 10 epochs on the 512 labelled samples
     cfg.eval.per_class, cfg.eval.batch = 128, 16
     cfg.target.meter = False  # a bank of SD samples per prompt is hours of GPU time: build it on purpose
     return cfg
@@ -303,7 +306,7 @@ LIMITS = {
     "sampler.steps": (1, 1000), "sampler.eta": (0, 1),
     "pretrain.steps": (1, None), "pretrain.batch": (1, None), "pretrain.lr": (0, 10), "pretrain.warmup": (1, None),
     "pretrain.ema": (0, 1), "pretrain.p_uncond": (0, 1), "pretrain.checkpoint_every": (1, None),
-    "classifier.epochs": (1, None), "classifier.batch": (1, None), "classifier.lr": (0, 10),
+    "classifier.epochs": (1, None), "classifier.min_steps": (0, None), "classifier.batch": (1, None), "classifier.lr": (0, 10),
     "classifier.val_frac": (0.01, 0.99), "classifier.noise": (0, None), "classifier.shift": (0, 8),
     "classifier.checkpoint_every": (1, None), "classifier.width": (8, 512), "classifier.base_pairs": (0, None),
     "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, 10),
