@@ -7,7 +7,7 @@ import torch
 
 from ctrldiff import bench
 from ctrldiff import config as C
-from ctrldiff.bench import GRID, SIZES, TASKS, best_at, pareto, stage
+from ctrldiff.bench import GRID, SIZES, TASKS, against_ctrl, best_at, pareto, stage
 from ctrldiff.cli import main
 from ctrldiff.runs import Run
 
@@ -36,10 +36,13 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     assert sorted(results["tasks"]["compress4"]["runs"]) == [str(s) for s in size.seeds]
     assert sorted(map(int, results["efficiency"]["ctrl"])) == size.pairs
     assert all(len(v) == len(size.efficiency_seeds) for v in results["efficiency"]["cfg"].values())
-    fronts = results["fronts"]["compress4"]
-    assert [p["knobs"]["gamma"] for p in fronts["ctrl"]] == size.gammas  # CTRL over gamma
-    assert [p["knobs"]["gamma"] for p in fronts["target"]] == size.gammas
-    assert {len(fronts[m]) for m in ("smc", "svdd")} == {1}  # quick grid: one setting each
+    for task in TASKS:  # CTRL and the target over gamma on both tasks
+        fronts = results["fronts"][task]
+        assert [p["knobs"]["gamma"] for p in fronts["ctrl"]] == size.gammas
+        assert [p["knobs"]["gamma"] for p in fronts["target"]] == size.gammas
+        assert {len(fronts[m]) for m in ("smc", "svdd")} == {1}  # quick grid: one setting each
+    assert sorted(results["gamma"]) == sorted(TASKS)
+    assert "CTRL from 20 pairs against CFG from 40 triplets: accuracy" in text
     assert results["seconds"] > 0 and results["peak_rss_gb"] > 0
 
     def refuse(*args, **kwargs):
@@ -94,6 +97,18 @@ def test_best_accuracy_at_a_fidelity_is_interpolated_along_the_front(level, best
 
 def test_a_front_that_never_reaches_the_level_says_so():
     assert best_at(_pts((0.5, 0.9), (0.6, 0.8)), 0.8) is None and best_at([], 0.8) is None
+
+
+def test_each_front_is_compared_with_ctrls_where_fidelity_is_high():
+    curves = {"ctrl": _pts((0.85, 0.8), (0.95, 0.6)),  # CTRL: 0.8 at 0.85 down to 0.6 at 0.95
+              "mpgd": _pts((0.85, 0.9), (0.95, 0.5)),  # above CTRL at 0.85 by 0.1, below from 0.9 on
+              "bon": _pts((0.99, 0.3)),  # below CTRL where both reach, then beyond CTRL's front
+              "dps": _pts((0.5, 0.99))}  # never reaches 0.85
+    lines = dict(line[2:].split(": ", 1) for line in against_ctrl(curves))
+    assert lines["mpgd"] == "above CTRL by up to 0.100 (at fidelity 0.85)."
+    assert lines["bon"] == ("at or below CTRL wherever both reach it; it reaches fidelity 0.99 with accuracy 0.300, "
+                            "where CTRL's front stops at 0.950.")
+    assert lines["dps"] == "no level that both reach."
 
 
 def test_the_classifier_takes_its_minimum_steps_with_few_pairs(monkeypatch):

@@ -220,28 +220,28 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
     return result
 
 
-def gamma_sweep(size: BenchSize, out: Path, env: dict, bar) -> dict:
-    """CTRL on compress4 for each gamma (seed 0's classifiers): accuracy, feature-FID, fidelity and KL."""
-    result = {}
-    classifiers = out / "compress4" / f"seed{size.seeds[0]}" / "classifiers"
+def gamma_sweep(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
+    """CTRL on one task for each gamma (every control at that gamma; seed 0's classifiers): accuracy, feature-FID,
+    fidelity and KL at the reported sample count, and its point on the front as the grid search measures."""
+    result, controls = {}, list(TASKS[task])
+    seed_dir = out / task / f"seed{size.seeds[0]}"  # the main table's model: the task's own gammas
     for gamma in size.gammas:
-        bar.set_postfix_str(f"gamma {gamma:g}")
-        cfg = task_config(size, {"compress4": gamma}, size.seeds[0])
-        seed_dir = classifiers.parent  # the main table's model is gamma = 10
-        paths = {"classifiers": classifiers, "ctrl": seed_dir / "ctrl" / "ctrl.safetensors",
+        bar.set_postfix_str(f"{task} gamma {gamma:g}")
+        cfg = task_config(size, dict.fromkeys(controls, gamma), size.seeds[0])
+        paths = {"classifiers": seed_dir / "classifiers", "ctrl": seed_dir / "ctrl" / "ctrl.safetensors",
                  "measured": seed_dir / "measured"}
-        if gamma != TASKS["compress4"]["compress4"]:
-            root = out / "gamma" / f"g{gamma:g}"
+        if cfg.rl.controls != TASKS[task]:
+            root = out / "gamma" / task / f"g{gamma:g}"
             if run := stage(root, cfg, "ctrl.safetensors", env["resume"], env["report_to"]):
-                run_finetune(cfg, run, load_reward_terms(cfg, classifiers), env["backend"], progress=False)
+                run_finetune(cfg, run, load_reward_terms(cfg, paths["classifiers"]), env["backend"], progress=False)
                 shutil.rmtree(root / "measured", ignore_errors=True)
             paths |= {"ctrl": root / "ctrl.safetensors", "measured": root / "measured"}
         m = measure(cfg, paths, "ctrl", {}, env, cfg.seed)[0]
-        result[gamma] = point("ctrl", {"gamma": gamma}, m, ["compress4"]) | {"mean_kl": m["mean_kl"]}
-        tune_cfg = copy.deepcopy(cfg)  # its point on the front: measured as the grid search measures
+        result[gamma] = point("ctrl", {"gamma": gamma}, m, controls) | {"mean_kl": m["mean_kl"]}
+        tune_cfg = copy.deepcopy(cfg)
         tune_cfg.eval.per_class = size.tune_per_class
         result[gamma]["front"] = point("ctrl", {"gamma": gamma}, measure(tune_cfg, paths, "ctrl", {}, env, TUNE_SEED)[0],
-                                       ["compress4"])
+                                       controls)
         bar.update()
     return result
 
@@ -265,13 +265,12 @@ def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]
     return rows
 
 
-def fronts(task: dict, gammas: dict | None, target: list[dict]) -> dict[str, list[dict]]:
-    """Every method's points over its knob grid (the grid search's), CTRL's over gamma where swept, the target's."""
+def fronts(task: dict, gammas: dict, target: list[dict]) -> dict[str, list[dict]]:
+    """Every method's points over its knob grid (the grid search's), CTRL's over gamma, the target's."""
     out: dict[str, list[dict]] = {}
     for p in task["tuning"]:
         out.setdefault(p["method"], []).append(p)
-    if gammas:
-        out["ctrl"] = [g["front"] for g in gammas.values()]
+    out["ctrl"] = [g["front"] for g in gammas.values()]
     out["target"] = target
     return out
 
@@ -315,14 +314,14 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
     backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
     env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to,
            "resume": resume}
-    total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds) + len(size.gammas)
+    total = (len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds)
+             + len(TASKS) * len(size.gammas))
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
         tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}
         efficiency = sample_efficiency(size, out, env, bar)
-        gammas = gamma_sweep(size, out, env, bar)
+        gammas = {task: gamma_sweep(size, task, out, env, bar) for task in TASKS}
         bar.set_postfix_str("the target's fronts")
-        curves = {task: fronts(tasks[task], gammas if task == "compress4" else None, target_curve(size, task, out, env))
-                  for task in TASKS}
+        curves = {task: fronts(tasks[task], gammas[task], target_curve(size, task, out, env)) for task in TASKS}
     results = {"size": size_name, "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "grids"}
                                              for k, v in tasks.items()},
                "efficiency": efficiency, "gamma": gammas, "fronts": curves, "seconds": time.time() - t0,
@@ -341,7 +340,7 @@ def rewrite_report(out: str | Path, docs: str | Path | None = None) -> dict:
     results = read_json(out / "bench.json")
     results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
                                   for k in ("ctrl", "cfg", "cfg_w")})
-    results["gamma"] = {float(g): v for g, v in results["gamma"].items()}
+    results["gamma"] = {t: {float(g): v for g, v in sweep.items()} for t, sweep in results["gamma"].items()}
     for task in results["tasks"].values():  # JSON sorts keys: back to the methods' order
         task["best"] = {m: task["best"][m] for m in SIZES[results["size"]].grid if m in task["best"]}
     folder = docs / "figures"
@@ -458,15 +457,17 @@ def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict, cur
     figures["efficiency"] = _save(fig, folder / "sample_efficiency.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    gs = sorted(gammas)
-    for ax, key, label in [(axes[0], "feature_fid", "feature-FID (lower is closer to real digits)"),
-                           (axes[1], "mean_kl", "mean path KL to the base (nats)")]:
-        ax.plot([gammas[g][key] for g in gs], [gammas[g]["accuracy"] for g in gs], "o-")
-        for g in gs:
-            ax.annotate(f"γ={g:g}", (gammas[g][key], gammas[g]["accuracy"]), fontsize=8,
-                        textcoords="offset points", xytext=(4, -10))
-        ax.set(xlabel=label, ylabel="compress4 accuracy (oracle)")
-    fig.suptitle("CTRL's γ trade-off (compress4)")
+    for task, sweep in gammas.items():
+        gs = sorted(sweep)
+        for ax, key, label in [(axes[0], "feature_fid", "feature-FID (lower is closer to real digits)"),
+                               (axes[1], "mean_kl", "mean path KL to the base (nats)")]:
+            ax.plot([sweep[g][key] for g in gs], [sweep[g]["accuracy"] for g in gs], "o-", label=task)
+            for g in gs:
+                ax.annotate(f"γ={g:g}", (sweep[g][key], sweep[g]["accuracy"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
+            ax.set(xlabel=label, ylabel="accuracy (oracle; joint on the 2×2 task)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("CTRL's γ trade-off (every control at γ)")
     fig.tight_layout()
     figures["gamma"] = _save(fig, folder / "gamma_sweep.png")
 
@@ -493,6 +494,29 @@ def front_table(curves: dict[str, list[dict]], levels=(0.90, 0.80)) -> list[str]
     return lines
 
 
+def against_ctrl(curves: dict[str, list[dict]], lo: float = 0.85, step: float = 0.01) -> list[str]:
+    """For each other method, where its front lies above CTRL's at digit fidelity >= lo (on a grid of levels):
+    the largest margin and its level, and the fidelity it reaches where CTRL's front stops."""
+    levels = [round(lo + i * step, 4) for i in range(round((1 - lo) / step) + 1)]
+    ctrl = {f: best_at(curves["ctrl"], f) for f in levels}
+    ctrl_top = max(p["digit_fidelity"] for p in curves["ctrl"])
+    lines = []
+    for method, pts in curves.items():
+        if method == "ctrl":
+            continue
+        best = {f: best_at(pts, f) for f in levels}
+        margins = [(best[f] - ctrl[f], f) for f in levels if best[f] is not None and ctrl[f] is not None]
+        above = max(margins, default=None)
+        beyond = [f for f in levels if best[f] is not None and ctrl[f] is None]
+        words = (f"above CTRL by up to {above[0]:.3f} (at fidelity {above[1]:.2f})" if above and above[0] > 0 else
+                 "at or below CTRL wherever both reach it" if margins else "no level that both reach")
+        if beyond:
+            words += (f"; it reaches fidelity {beyond[-1]:.2f} with accuracy {best[beyond[-1]]:.3f}, where CTRL's "
+                      f"front stops at {ctrl_top:.3f}")
+        lines.append(f"- {method}: {words}.")
+    return lines
+
+
 def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Path]) -> str:
     c4, multi = results["tasks"]["compress4"], results["tasks"]["multi"]
     rel = {k: f"figures/{p.name}" for k, p in figures.items()}
@@ -514,13 +538,15 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         f"The hard corner, thick yet compressible (`{HARD_CORNER}`), is in bold.\n", *multi_table(multi), "",
         "## Accuracy against quality: each method along its knob\n",
         ("Every setting of the grid search (seed 0's models, sampling seed "
-         f"{TUNE_SEED}, {size.tune_per_class} samples per class), CTRL over γ {size.gammas} on compress4 (its other "
-         "task at γ = 10 only), and the target p_γ over the same γ from the bank (seed 0's classifiers). Best "
+         f"{TUNE_SEED}, {size.tune_per_class} samples per class), CTRL over γ {size.gammas} (every control at γ), "
+         "and the target p_γ over the same γ from the bank (seed 0's classifiers). Best "
          "accuracy at a fidelity level: along the method's own front (its points no other of its points beats in "
          "both), linear between neighbours (a mixture of the two settings); \"not reached\" where no setting "
          "gets there. One seed; the cost columns span the method's settings.\n"),
         *[x for task in TASKS for x in (f"### {task}\n", f"![{task} front]({rel[f'front-{task}']})\n",
-                                        *front_table(results["fronts"][task]), "")],
+                                        *front_table(results["fronts"][task]), "",
+                                        "At digit fidelity ≥ 0.85, against CTRL's front (levels 0.01 apart):\n",
+                                        *against_ctrl(results["fronts"][task]), "")],
         "## Sample efficiency: CTRL's pairs against CFG's triplets\n",
         (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) alone (no base "
          "samples) and fine-tunes by RL; CFG is the same augmented model trained by score matching on N triplets "
@@ -534,12 +560,13 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
             _ms([r[metric] for r in results["efficiency"][name][n]]) for n in size.pairs) + " |"
           for name in ("ctrl", "cfg") for metric in ("accuracy", "digit_fidelity")],
         "| CFG's w | " + " | ".join(f"{results['efficiency']['cfg_w'][n]:g}" for n in size.pairs) + " |", "",
+        efficiency_claim(results["efficiency"], size.pairs), "",
         "## The γ trade-off\n",
-        (f"![gamma sweep]({rel['gamma']})\n\nCTRL on compress4 for each γ, seed {size.seeds[0]}'s classifiers; the "
-         "paper fixes γ and leaves this curve open.\n"),
-        "| γ | accuracy | digit fidelity | feature-FID | mean KL |", "|---|---|---|---|---|",
-        *[f"| {g:g} | {v['accuracy']:.3f} | {v['digit_fidelity']:.3f} | {v['feature_fid']:.1f} | {v['mean_kl']:.1f} |"
-          for g, v in results["gamma"].items()], "",
+        (f"![gamma sweep]({rel['gamma']})\n\nCTRL for each γ (every control of the task at γ), seed "
+         f"{size.seeds[0]}'s classifiers; the paper fixes γ and leaves this curve open.\n"),
+        "| task | γ | accuracy | digit fidelity | feature-FID | mean KL |", "|---|---|---|---|---|---|",
+        *[f"| {task} | {g:g} | {v['accuracy']:.3f} | {v['digit_fidelity']:.3f} | {v['feature_fid']:.1f} | "
+          f"{v['mean_kl']:.1f} |" for task, sweep in results["gamma"].items() for g, v in sweep.items()], "",
         "## Sample grids (rows = requested y, columns = digit c; seed 0)\n",
         "| method | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|",
         *[f"| {m} | " + " | ".join(f"![{t} {m}]({rel[f'grid-{t}-{m}']})" for t in TASKS) + " |"
@@ -548,6 +575,17 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         paper_section(results),
     ]
     return "\n".join(lines)
+
+
+def efficiency_claim(eff: dict, pairs: list[int]) -> str:
+    """The paper's sample-efficiency claim at our scale: CTRL from a quarter of the data against CFG from all."""
+    few, most = (pairs[-2], pairs[-1]) if len(pairs) > 1 else (pairs[0], pairs[0])
+    mean = (lambda name, n, key: float(np.mean([r[key] for r in eff[name][n]])))
+    da = mean("ctrl", few, "accuracy") - mean("cfg", most, "accuracy")
+    df = mean("ctrl", few, "digit_fidelity") - mean("cfg", most, "digit_fidelity")
+    return (f"CTRL from {few:,} pairs against CFG from {most:,} triplets: accuracy {mean('ctrl', few, 'accuracy'):.3f} "
+            f"against {mean('cfg', most, 'accuracy'):.3f} ({da:+.3f}), digit fidelity "
+            f"{mean('ctrl', few, 'digit_fidelity'):.3f} against {mean('cfg', most, 'digit_fidelity'):.3f} ({df:+.3f}).")
 
 
 def _train(n: int, size: BenchSize) -> int:
