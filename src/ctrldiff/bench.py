@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import config as C
 from .classifier import classifier_steps
 from .evaluate import evaluate
-from .io import CtrlDiffError, atomic_path, read_json, write_json, write_section
+from .io import CtrlDiffError, atomic_path, read_json, read_meta, write_json, write_section
 from .pipeline import (
     backend_for,
     controls_of,
@@ -299,6 +299,17 @@ def best_at(points: list[dict], fidelity: float) -> float | None:
     return lo["accuracy"] + w * (hi["accuracy"] - lo["accuracy"])
 
 
+def training_time(out: Path) -> dict[str, list]:
+    """The fine-tunes under `out` and their summed wall time in seconds, from each model's metadata (so a resumed
+    bench counts the runs that earlier invocations finished): what a bench's time goes to."""
+    def models(name: str) -> list[dict]:
+        return [read_meta(p) for p in sorted(out.rglob(name)) if "checkpoints" not in p.parts]
+
+    ctrl, cfg = models("ctrl.safetensors"), models("cfg.safetensors")
+    return {"ctrl": [len(ctrl), sum(m["summary"] for m in ctrl)],
+            "cfg": [len(cfg), sum(m["summary"]["seconds"] for m in cfg)]}
+
+
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
               progress: bool = True, report_to: str = "none", resume: bool = False) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
@@ -325,7 +336,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
     results = {"size": size_name, "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "grids"}
                                              for k, v in tasks.items()},
                "efficiency": efficiency, "gamma": gammas, "fronts": curves, "seconds": time.time() - t0,
-               "resumed": resume,
+               "resumed": resume, "training": training_time(out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / "bench.json", results)
     figures = write_figures(docs / "figures", tasks, efficiency, gammas, curves)
@@ -524,6 +535,9 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
     wall = f"wall time {results['seconds'] / 60:.1f} min" + (
         " (the last invocation of a resumed run: what earlier ones finished is not counted)"
         if results.get("resumed") else "")
+    (n_ctrl, s_ctrl), (n_cfg, s_cfg) = results["training"]["ctrl"], results["training"]["cfg"]
+    wall += (f"; of the work, {n_ctrl} CTRL fine-tunes took {s_ctrl / 60:.0f} min and {n_cfg} CFG trainings on "
+             f"triplets {s_cfg / 60:.0f} min")
     lines = [
         "# The paper's evaluation at our scale (`ctrldiff bench`)\n",
         (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; {wall}, "
