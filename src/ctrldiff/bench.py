@@ -82,6 +82,7 @@ SIZES = {
     "quick": BenchSize("tiny", [0, 1], [0], 2, 1, QUICK_GRID, [20, 40], [0], [1.0, 10.0]),  # a smoke run: minutes
 }
 TASKS = {"compress4": {"compress4": 10.0}, "multi": {"thickness2": 10.0, "compress2": 10.0}}
+TASK_TITLES = {"compress4": "compress4 (4 JPEG-size classes)", "multi": "the 2×2 task thickness2 × compress2"}
 
 
 def machine() -> str:
@@ -431,15 +432,17 @@ def front_figure(task: str, curves: dict[str, list[dict]], path: Path) -> Path:
     for method, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["digit_fidelity"])
         ms = [1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"]]
-        cost = f" ({min(ms):.0f}–{max(ms):.0f} ms/sample)" if ms and min(ms) != max(ms) else (
-            f" ({ms[0]:.0f} ms/sample)" if ms else " (from the bank)")
+        span = sorted({f"{v:.0f}" for v in ms}, key=float)
+        cost = f" ({span[0]}–{span[-1]} ms/sample)" if len(span) > 1 else (
+            f" ({span[0]} ms/sample)" if span else " (from the bank)")
         for ax, key in zip(axes, ("digit_fidelity", "feature_fid")):
             ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], **FRONT_STYLE.get(method, {"marker": "o"}),
                     label=method + cost if ax is axes[0] else None)
-    axes[0].set(xlabel="digit fidelity (oracle digit = requested c)", ylabel="accuracy (oracle, joint)")
+    axes[0].set(xlabel="digit fidelity (fraction whose oracle digit is the requested c)",
+                ylabel="accuracy (oracle; joint on the 2×2 task)")
     axes[1].set(xlabel="feature-FID to real digits (lower is better)")
     fig.legend(loc="center right", fontsize=7)
-    fig.suptitle(f"Accuracy against quality along each method's knob: {task}")
+    fig.suptitle(f"Accuracy against quality along each method's knob: {TASK_TITLES[task]}")
     fig.tight_layout(rect=(0, 0, 0.78, 1))
     return _save(fig, path)
 
