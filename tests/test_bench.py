@@ -46,6 +46,8 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     assert results["seconds"] > 0 and results["peak_rss_gb"] > 0
     # every fine-tune is counted: 2 + 1 seeds, 2 x 1 efficiency runs, 1 gamma besides 10 on each task; CFG per prepare
     assert [results["training"][m][0] for m in ("ctrl", "cfg")] == [7, 5]
+    # classifier guidance is measured on the tasks only: no noise-aware classifier for the efficiency study
+    assert list((out / "compress4").rglob("noisy-*")) and not list((out / "efficiency").rglob("noisy-*"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed bench redid finished work")

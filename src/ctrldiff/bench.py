@@ -115,13 +115,14 @@ def stage(root: Path, cfg: C.Config, done: str, resume: bool, report_to: str) ->
 
 
 def prepare(cfg: C.Config, root: Path, progress: bool = False, seconds: dict | None = None,
-            report_to: str = "none", resume: bool = False) -> dict:
-    """Classifiers (reward, monitor, noise-aware), CTRL and CFG for one config, under root; the wall time of
-    each stage goes into `seconds` if given; each run reports to the `report_to` experiment trackers.
-    resume: keep the stages that finished under this config (and their measurements), continue the others."""
+            report_to: str = "none", resume: bool = False, noisy: bool = True) -> dict:
+    """Classifiers (reward, monitor, and with `noisy` the noise-aware one of classifier guidance), CTRL and CFG for
+    one config, under root; the wall time of each stage goes into `seconds` if given; each run reports to the
+    `report_to` experiment trackers. resume: keep the stages that finished under this config (and their
+    measurements), continue the others."""
     backend, t0, times, trained = backend_for(cfg), time.time(), {}, False
     if run := stage(root / "classifiers", cfg, "classifiers.json", resume, report_to):
-        terms, _ = fit_reward_terms(cfg, run, progress, noisy=True)
+        terms, _ = fit_reward_terms(cfg, run, progress, noisy=noisy)
     else:
         terms = load_reward_terms(cfg, root / "classifiers")
     times["classifiers (reward, monitor, noise-aware)"], t0, trained = time.time() - t0, time.time(), run is not None
@@ -207,7 +208,7 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
             bar.set_postfix_str(f"sample efficiency N={n} seed {seed}")
             cfg = task_config(size, TASKS["compress4"], seed, data__pairs=n, triplets__n=n, classifier__base_pairs=0)
             paths = prepare(cfg, out / "efficiency" / f"n{n}-seed{seed}", report_to=env["report_to"],
-                            resume=env["resume"])
+                            resume=env["resume"], noisy=False)  # only CTRL and CFG are measured here
             if n not in result["cfg_w"]:
                 tune_cfg = copy.deepcopy(cfg)
                 tune_cfg.eval.per_class = size.tune_per_class
