@@ -14,7 +14,7 @@ import time
 from _doc import ROOT, machine
 
 from ctrldiff import config as C
-from ctrldiff.classifier import classifier_steps, evaluate_classifier, fit_classifier
+from ctrldiff.classifier import classifier_steps, evaluate_classifier, fit_classifier, held_back
 from ctrldiff.io import write_section
 from ctrldiff.pipeline import controls_of, pairs_for
 
@@ -35,8 +35,8 @@ def main() -> None:
         cells = []
         for m in args.steps:
             cfg.classifier.min_steps = m
-            clf, rep = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=False)
-            steps = classifier_steps(rep["pairs"] - max(1, int(cfg.classifier.val_frac * n)), cfg.classifier)
+            clf, _ = fit_classifier(x, y, ctl.num_classes, cfg.classifier, cfg.seed, ctl.name, progress=False)
+            steps = classifier_steps(len(x) - held_back(len(x), cfg.classifier), cfg.classifier)
             cells.append(f"{evaluate_classifier(clf, x_ho, y_ho)['accuracy']:.3f} ({steps})")
             print(n, m, cells[-1], flush=True)
         rows.append(f"| {n} | " + " | ".join(cells) + " |")

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import config as C
-from .classifier import classifier_steps
+from .classifier import classifier_steps, held_back
 from .evaluate import evaluate
 from .io import CtrlDiffError, atomic_path, read_json, read_meta, write_json, write_section
 from .pipeline import (
@@ -141,11 +141,11 @@ def prepare(cfg: C.Config, root: Path, progress: bool = False, seconds: dict | N
 
 
 def measure(cfg: C.Config, paths: dict, name: str, knobs: dict, env: dict, seed: int):
-    """One method's metrics (and its images and conditions) at `cfg.eval.per_class`; kept under
-    paths["measured"] and reused when the bench resumes."""
+    """One method's metrics (and its images and conditions) at `cfg.eval.per_class`, kept under paths["measured"]
+    and reused by any later request for the same (the folder is emptied whenever its models are retrained)."""
     knob_key = "-".join(f"{k}{v:g}" for k, v in knobs.items())
     cache = paths["measured"] / f"{name}{knob_key and '-' + knob_key}-n{cfg.eval.per_class}-s{seed}.pt"
-    if env["resume"] and cache.is_file():
+    if cache.is_file():
         return torch.load(cache, weights_only=False)
     method = method_for(cfg, name, env["backend"], knobs, paths.get(name) if name in ("ctrl", "cfg") else None,
                         paths["classifiers"])
@@ -226,6 +226,7 @@ def gamma_sweep(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
     """CTRL on one task for each gamma (every control at that gamma; seed 0's classifiers): accuracy, feature-FID,
     fidelity and KL at the reported sample count, and its point on the front as the grid search measures."""
     result, controls = {}, list(TASKS[task])
+    knobs = {"w": C.preset(size.preset).eval.guidance}  # CTRL as the main table samples it: gamma = 10 is reused
     seed_dir = out / task / f"seed{size.seeds[0]}"  # the main table's model: the task's own gammas
     for gamma in size.gammas:
         bar.set_postfix_str(f"{task} gamma {gamma:g}")
@@ -238,12 +239,12 @@ def gamma_sweep(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
                 run_finetune(cfg, run, load_reward_terms(cfg, paths["classifiers"]), env["backend"], progress=False)
                 shutil.rmtree(root / "measured", ignore_errors=True)
             paths |= {"ctrl": root / "ctrl.safetensors", "measured": root / "measured"}
-        m = measure(cfg, paths, "ctrl", {}, env, cfg.seed)[0]
+        m = measure(cfg, paths, "ctrl", knobs, env, cfg.seed)[0]
         result[gamma] = point("ctrl", {"gamma": gamma}, m, controls) | {"mean_kl": m["mean_kl"]}
         tune_cfg = copy.deepcopy(cfg)
         tune_cfg.eval.per_class = size.tune_per_class
-        result[gamma]["front"] = point("ctrl", {"gamma": gamma}, measure(tune_cfg, paths, "ctrl", {}, env, TUNE_SEED)[0],
-                                       controls)
+        result[gamma]["front"] = point("ctrl", {"gamma": gamma},
+                                       measure(tune_cfg, paths, "ctrl", knobs, env, TUNE_SEED)[0], controls)
         bar.update()
     return result
 
@@ -424,6 +425,11 @@ def _save(fig, path: Path) -> Path:
 FRONT_STYLE = {"base": {"marker": "*", "ms": 12, "ls": "none"}, "target": {"marker": "s", "ls": "--", "color": "black"}}
 
 
+def _ms_per_sample(pts: list[dict]) -> list[float]:
+    """The sampled points' cost (the target's, from the bank, has none: NaN)."""
+    return [1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"]]
+
+
 def front_figure(task: str, curves: dict[str, list[dict]], path: Path) -> Path:
     """Accuracy against digit fidelity and against feature-FID, one curve per method along its knob (the base a
     star, the target dashed), each method's cost per sample in the legend."""
@@ -432,8 +438,7 @@ def front_figure(task: str, curves: dict[str, list[dict]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for method, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["digit_fidelity"])
-        ms = [1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"]]
-        span = sorted({f"{v:.0f}" for v in ms}, key=float)
+        span = sorted({f"{v:.0f}" for v in _ms_per_sample(pts)}, key=float)
         cost = f" ({span[0]}–{span[-1]} ms/sample)" if len(span) > 1 else (
             f" ({span[0]} ms/sample)" if span else " (from the bank)")
         for ax, key in zip(axes, ("digit_fidelity", "feature_fid")):
@@ -501,7 +506,7 @@ def front_table(curves: dict[str, list[dict]], levels=(0.90, 0.80)) -> list[str]
              " | ms / sample | network passes / sample |", "|---" * (len(levels) + 3) + "|"]
     for method, pts in curves.items():
         best = [best_at(pts, v) for v in levels]
-        ms = sorted(1000 * p["seconds_per_sample"] for p in pts if p["seconds_per_sample"] == p["seconds_per_sample"])
+        ms = sorted(_ms_per_sample(pts))
         passes = sorted(p["passes"] for p in pts) if ms else []  # the target is not sampled: no cost
         span = (lambda v, f: "—" if not v else f"{v[0]:{f}}" if v[0] == v[-1] else f"{v[0]:{f}}–{v[-1]:{f}}")
         lines.append(f"| {method} | " + " | ".join("not reached" if b is None else f"{b:.3f}" for b in best) +
@@ -608,7 +613,7 @@ def efficiency_claim(eff: dict, pairs: list[int]) -> str:
 
 def _train(n: int, size: BenchSize) -> int:
     """Pairs the classifier trains on out of n (the share held back for calibration excluded)."""
-    return n - max(1, int(C.preset(size.preset).classifier.val_frac * n))
+    return n - held_back(n, C.preset(size.preset).classifier)
 
 
 def paper_section(results: dict) -> str:

@@ -123,6 +123,11 @@ def evaluate_classifier(clf: Classifier, x: Tensor, y: Tensor) -> dict:
             "ece_raw": expected_calibration_error(raw, y), "ece_calibrated": expected_calibration_error(cal, y)}
 
 
+def held_back(n: int, cfg: ClassifierConfig) -> int:
+    """Of n pairs, those held back for temperature calibration (cfg.val_frac, at least one)."""
+    return max(1, int(cfg.val_frac * n))
+
+
 def classifier_steps(n: int, cfg: ClassifierConfig) -> int:
     """Optimiser steps of `fit_net` on n training pairs: cfg.epochs epochs, at least cfg.min_steps."""
     return max(cfg.epochs * max(1, n // cfg.batch), cfg.min_steps)
@@ -175,7 +180,7 @@ def fit_classifier(x: Tensor, y: Tensor, num_classes: int, cfg: ClassifierConfig
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
-    n_val = max(1, int(cfg.val_frac * len(x)))
+    n_val = held_back(len(x), cfg)
     val, tr = perm[:n_val], perm[n_val:]
     clf = Classifier(SmallCNN(num_classes, in_channels=x.shape[1], width=cfg.width, feat_dim=2 * cfg.width), name)
     t0 = time.time()

@@ -58,14 +58,14 @@ def fit_clip_classifier(clip, x: torch.Tensor, y: torch.Tensor, num_classes: int
                         name: str, progress: bool = True):
     """The MLP on frozen CLIP features (computed once), fitted like the CNN and temperature-calibrated."""
     from .backends.sd import ClipMLPClassifier
-    from .classifier import fit_net, fit_temperature
+    from .classifier import fit_net, fit_temperature, held_back
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     with torch.no_grad():
         feats = torch.cat([clip(x[i:i + 64]) for i in range(0, len(x), 64)])
     perm = torch.randperm(len(x), generator=g)
-    n_val = max(1, int(cfg.classifier.val_frac * len(x)))
+    n_val = held_back(len(x), cfg.classifier)
     val, tr = perm[:n_val], perm[n_val:]
     clf = ClipMLPClassifier(clip, num_classes, name=name)
     fit_net(clf.head, feats[tr], y[tr], cfg.classifier, g, lambda f: f, name, progress=progress)
