@@ -1,13 +1,14 @@
 """`ctrldiff bench --quick`: a smoke run of the whole benchmark on tiny sizes (values are not asserted)."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from ctrldiff import bench
 from ctrldiff import config as C
-from ctrldiff.bench import GRID, SIZES, TASKS, against_ctrl, best_at, pareto, stage
+from ctrldiff.bench import GRID, SIZES, TASKS, against_ctrl, best_at, front_table, pareto, stage
 from ctrldiff.cli import main
 from ctrldiff.runs import Run
 
@@ -15,6 +16,13 @@ from ctrldiff.runs import Run
 def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     out, docs = tmp_path / "bench", tmp_path / "docs"
     (docs).mkdir()
+    inits, finetune = {}, bench.run_finetune
+
+    def spy(cfg, run, *args, init=None, **kwargs):  # which fine-tunes start from a model
+        inits[run.dir.relative_to(out).as_posix()] = init is not None
+        return finetune(cfg, run, *args, init=init, **kwargs)
+
+    monkeypatch.setattr(bench, "run_finetune", spy)
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n<!-- section:core -->\nkept\n<!-- /section:core -->\n")
     assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs)]) == 0
     text = (docs / "benchmarks.md").read_text()
@@ -42,10 +50,16 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
         assert [p["knobs"]["gamma"] for p in fronts["target"]] == size.gammas
         assert {len(fronts[m]) for m in ("smc", "svdd")} == {1}  # quick grid: one setting each
     assert sorted(results["gamma"]) == sorted(TASKS)
+    # the gamma sweep on every seed of each task, warm-started from that seed's gamma-10 model for gamma_steps steps
+    assert [len(results["front_seeds"][t]) for t in TASKS] == [len(size.seeds), len(size.multi_seeds)]
+    warm = {k for k, v in inits.items() if v}
+    assert warm == {"compress4/seed0/gamma/g1", "compress4/seed1/gamma/g1", "multi/seed0/gamma/g1"}, inits
+    assert json.loads((out / "compress4/seed1/gamma/g1/config.json").read_text())["rl"]["steps"] == size.gamma_steps
+    assert all(math.isfinite(g["final_gap"]) for sweep in results["gamma"].values() for g in sweep.values())
     assert "CTRL from 20 pairs against CFG from 40 triplets: accuracy" in text
     assert results["seconds"] > 0 and results["peak_rss_gb"] > 0
-    # every fine-tune is counted: 2 + 1 seeds, 2 x 1 efficiency runs, 1 gamma besides 10 on each task; CFG per prepare
-    assert [results["training"][m][0] for m in ("ctrl", "cfg")] == [7, 5]
+    # every fine-tune is counted: 2 + 1 seeds, 2 x 1 efficiency runs, 1 gamma besides 10 on each seed; CFG per prepare
+    assert [results["training"][m][0] for m in ("ctrl", "cfg")] == [8, 5]
     # classifier guidance is measured on the tasks only: no noise-aware classifier for the efficiency study
     assert list((out / "compress4").rglob("noisy-*")) and not list((out / "efficiency").rglob("noisy-*"))
 
@@ -56,7 +70,7 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
         monkeypatch.setattr(bench, name, refuse)
     assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume"]) == 0
     again = json.loads((out / "bench.json").read_text())
-    for key in ("tasks", "efficiency", "gamma", "fronts"):
+    for key in ("tasks", "efficiency", "gamma", "fronts", "front_seeds"):
         assert again[key] == results[key], key
     assert "the last invocation of a resumed run" in (docs / "benchmarks.md").read_text()
 
@@ -113,6 +127,18 @@ def test_each_front_is_compared_with_ctrls_where_fidelity_is_high():
     assert lines["bon"] == ("at or below CTRL wherever both reach it; it reaches fidelity 0.99 with accuracy 0.300, "
                             "where CTRL's front stops at 0.950.")
     assert lines["dps"] == "no level that both reach."
+
+
+def test_the_front_table_averages_each_seeds_own_front():
+    seeds = [{"ctrl": _pts((0.95, 0.6), (0.85, 0.8))}, {"ctrl": _pts((0.9, 0.4), (0.8, 0.9))},
+             {"ctrl": _pts((0.85, 0.9))}]
+    curves = dict(seeds[0], target=_pts((0.91, 0.7)))
+    for p in [*curves["ctrl"], *curves["target"]]:
+        p |= {"seconds_per_sample": 0.01 if p in curves["ctrl"] else float("nan"), "passes": 20}
+    rows = {r.split(" | ")[0][2:]: r.split(" | ")[1:3] for r in front_table(curves, seeds)[2:]}
+    # at 0.90: 0.7 and 0.4 where reached (the third seed stops at 0.85); at 0.80: 0.8, 0.9, 0.9
+    assert rows["ctrl"] == ["0.550 ± 0.150 (2 of 3 seeds)", "0.867 ± 0.047"]
+    assert rows["target"] == ["0.700", "0.700"]  # not in the seeds' fronts: its one front
 
 
 def test_the_classifier_takes_its_minimum_steps_with_few_pairs(monkeypatch):

@@ -173,12 +173,12 @@ def log_z_of(cfg: Config, terms: list[RewardTerm], backend, progress: bool = Tru
                        {t.control.name: t.gamma for t in terms}, cfg.target.min_ess)
 
 
-def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True):
+def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True, init=None):
     """Step 3: CTRL fine-tuning; writes ctrl.safetensors and the training curves (with `target.meter`, log Z - J:
-    nats to the objective's optimum)."""
+    nats to the objective's optimum). init: an augmented model to start from (`finetune`)."""
     log_z = log_z_of(cfg, terms, backend, progress) if cfg.target.meter else None
     model, summary = finetune(backend, terms, cfg, log=run.log, progress=progress,
-                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z,
+                              ckpt=run.checkpointer("ctrl", cfg.rl.checkpoint_every), log_z=log_z, init=init,
                               log_images=monitor_grid(run))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "gammas": cfg.rl.controls, "summary": summary["seconds"],

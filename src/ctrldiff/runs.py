@@ -75,6 +75,11 @@ class Run:
             self.tracker.close()
 
     def records(self) -> list[dict]:
-        p = self.dir / "metrics.jsonl"
-        lines = p.read_text().splitlines(keepends=True) if p.exists() else []
-        return [json.loads(line) for line in lines if line.endswith("\n")]
+        return read_records(self.dir)
+
+
+def read_records(folder: str | Path) -> list[dict]:
+    """A run folder's metrics.jsonl, every whole line (a torn last one is left out); [] where there is none."""
+    p = Path(folder) / "metrics.jsonl"
+    lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
