@@ -332,6 +332,14 @@ def training_time(out: Path) -> dict[str, list]:
             "cfg": [len(cfg), sum(m["summary"]["seconds"] for m in cfg)]}
 
 
+def environment(preset: str, report_to: str = "none", resume: bool = False) -> dict:
+    """What every measurement shares: the backend, the digit oracle, the real digits' features; and the options."""
+    cfg = C.preset(preset)
+    backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
+    return {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to,
+            "resume": resume}
+
+
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
               progress: bool = True, report_to: str = "none", resume: bool = False) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
@@ -343,10 +351,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
     t0 = time.time()
-    cfg = C.preset(size.preset)
-    backend, oracle = backend_for(cfg), digit_oracle(cfg.data.resolution)
-    env = {"backend": backend, "oracle": oracle, "real": real_features(cfg, oracle), "report_to": report_to,
-           "resume": resume}
+    env = environment(size.preset, report_to, resume)
     total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds)
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
         tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}
