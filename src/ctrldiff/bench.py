@@ -586,8 +586,8 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
          f"peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
          f"preset `{size.preset}`, seeds {size.seeds} for compress4 and {size.multi_seeds} for the 2×2 task (a seed "
          f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each method's setting is its best accuracy over the "
-         f"grid below, searched once on seed {size.seeds[0]}'s models with sampling seed {TUNE_SEED} at "
-         f"{size.tune_per_class} per class. Nothing here is typed by hand.\n"),
+         f"grid below on seed {size.seeds[0]}'s models (sampling seed {TUNE_SEED}, "
+         f"{size.tune_per_class} per class). Nothing here is typed by hand.\n"),
         "Grids: " + "; ".join(f"{m} {g}" for m, g in size.grid.items() if g) + ".\n",
         "## Single control: compress4\n", *single_table(c4), "",
         "## Multi-task 2×2: thickness2 × compress2 (per-corner joint accuracy)\n",
