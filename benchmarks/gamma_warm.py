@@ -6,7 +6,7 @@ given, this measures it and the bench's warm run of the same task, seed and gamm
 reported sample count: oracle accuracy, digit fidelity, feature-FID, path KL, the meter log Z - J at the end of
 the fine-tune, and the fine-tune's steps and seconds.
 
-    python benchmarks/gamma_warm.py runs/bench-v2 runs/bench-v2/gamma/compress4/g1 runs/bench-v2/gamma/compress4/g3
+    python benchmarks/gamma_warm.py runs/bench-v2 runs/gamma-scratch/compress4/g1 runs/gamma-scratch/compress4/g3
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from _doc import machine, write_section
 
 from ctrldiff import bench
 from ctrldiff import config as C
-from ctrldiff.io import CtrlDiffError, read_json, read_meta
-from ctrldiff.runs import read_records
+from ctrldiff.io import read_json, read_meta
 
 
 def row(run: Path, classifiers: Path, env: dict) -> dict:
@@ -30,10 +28,24 @@ def row(run: Path, classifiers: Path, env: dict) -> dict:
     cfg = C.from_dict(read_json(run / "config.json"))
     paths = {"classifiers": classifiers, "ctrl": run / "ctrl.safetensors", "measured": run / "measured"}
     m = bench.measure(cfg, paths, "ctrl", {"w": cfg.eval.guidance}, env, cfg.seed)[0]
-    gaps = [r["gap"] for r in read_records(run) if "gap" in r]
     return bench.point("ctrl", {}, m, list(cfg.rl.controls)) | {
-        "mean_kl": m["mean_kl"], "gap": float(np.mean(gaps[-max(1, len(gaps) // 10):])), "steps": cfg.rl.steps,
+        "mean_kl": m["mean_kl"], "gap": bench.final_gap(run), "steps": cfg.rl.steps,
         "seconds": read_meta(paths["ctrl"])["summary"]}
+
+
+def pair_of(out: Path, scratch: Path, ap: argparse.ArgumentParser) -> tuple[str, float, Path, Path]:
+    """The task, gamma, seed folder and warm run that match a from-scratch run; a one-line error otherwise."""
+    if not (scratch / "ctrl.safetensors").is_file():
+        ap.error(f"{scratch} is no finished CTRL run (no ctrl.safetensors)")
+    cfg = C.from_dict(read_json(scratch / "config.json"))
+    task = next((t for t, c in bench.TASKS.items() if c.keys() == cfg.rl.controls.keys()), None)
+    if task is None:
+        ap.error(f"{scratch}: controls {sorted(cfg.rl.controls)} are no bench task's; choices: {sorted(bench.TASKS)}")
+    gamma = next(iter(cfg.rl.controls.values()))
+    warm = bench.gamma_dir(out, task, cfg.seed, gamma)
+    if not (warm / "ctrl.safetensors").is_file():
+        ap.error(f"{warm}: no warm run of {task} at gamma {gamma:g} (run `ctrldiff bench --out {out}` first)")
+    return task, gamma, out / task / f"seed{cfg.seed}", warm
 
 
 def main() -> None:
@@ -41,15 +53,9 @@ def main() -> None:
     ap.add_argument("bench", type=Path, help="a `ctrldiff bench` output folder (its warm gamma runs)")
     ap.add_argument("scratch", type=Path, nargs="+", help="CTRL runs fine-tuned from scratch at other gammas")
     args = ap.parse_args()
+    pairs = [(scratch, *pair_of(args.bench, scratch, ap)) for scratch in args.scratch]  # every input checked first
     t0, env, lines = time.time(), bench.environment("default"), []
-    for scratch in args.scratch:
-        cfg = C.from_dict(read_json(scratch / "config.json"))
-        task = next((t for t, c in bench.TASKS.items() if c.keys() == cfg.rl.controls.keys()), None)
-        if task is None:
-            raise CtrlDiffError(f"{scratch}: controls {sorted(cfg.rl.controls)} are no bench task's")
-        gamma = next(iter(cfg.rl.controls.values()))
-        seed_dir = args.bench / task / f"seed{cfg.seed}"
-        warm = seed_dir / "gamma" / f"g{gamma:g}"
+    for scratch, task, gamma, seed_dir, warm in pairs:
         for how, run in [("scratch", scratch), ("warm", warm)]:
             r = row(run, seed_dir / "classifiers", env)
             lines.append(f"| {task} | {gamma:g} | {how} | {r['steps']} | {r['seconds']:.0f} | {r['accuracy']:.3f} | "

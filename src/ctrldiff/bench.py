@@ -230,6 +230,18 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
     return result
 
 
+def gamma_dir(out: Path, task: str, seed: int, gamma: float) -> Path:
+    """The gamma sweep's fine-tune of one task, seed and gamma (besides the task's own) under a bench folder."""
+    return out / task / f"seed{seed}" / "gamma" / f"g{gamma:g}"
+
+
+def final_gap(run_dir: Path) -> float:
+    """The meter log Z - J at the end of a CTRL fine-tune: the mean over the last tenth of its steps (NaN
+    without the meter)."""
+    gaps = [r["gap"] for r in read_records(run_dir) if "gap" in r]
+    return float(np.mean(gaps[-max(1, len(gaps) // 10):])) if gaps else float("nan")
+
+
 def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar, table: bool = True) -> dict:
     """CTRL on one task and seed for each gamma (every control at that gamma; the seed's classifiers): its point on
     the front as the grid search measures, and with `table` also accuracy, feature-FID, fidelity and path KL at
@@ -248,7 +260,7 @@ def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar
             warm = size.gamma_steps is not None
             if warm:
                 cfg.rl.steps = size.gamma_steps
-            root = seed_dir / "gamma" / f"g{gamma:g}"
+            root = gamma_dir(out, task, seed, gamma)
             if run := stage(root, cfg, "ctrl.safetensors", env["resume"], env["report_to"]):
                 init = ControlledDenoiser.load(main["ctrl"], env["backend"]) if warm else None
                 run_finetune(cfg, run, load_reward_terms(cfg, main["classifiers"]), env["backend"], progress=False,
@@ -258,9 +270,7 @@ def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar
         tune_cfg = copy.deepcopy(cfg)
         tune_cfg.eval.per_class = size.tune_per_class
         front = point("ctrl", {"gamma": gamma}, measure(tune_cfg, paths, "ctrl", knobs, env, TUNE_SEED)[0], controls)
-        gaps = [r["gap"] for r in read_records(root) if "gap" in r]
-        result[gamma] = {"front": front, "final_gap": float(np.mean(gaps[-max(1, len(gaps) // 10):])) if gaps
-                         else float("nan")}
+        result[gamma] = {"front": front, "final_gap": final_gap(root)}
         if table:
             m = measure(cfg, paths, "ctrl", knobs, env, seed)[0]
             result[gamma] |= point("ctrl", {"gamma": gamma}, m, controls) | {"mean_kl": m["mean_kl"]}
@@ -368,7 +378,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
                "seconds": time.time() - t0,
                "resumed": resume, "training": training_time(out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
-    write_json(out / "bench.json", results)
+    write_json(out / "bench.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
     figures = write_figures(docs / "figures", tasks, efficiency, results["gamma"], results["fronts"])
     write_section(docs / "benchmarks.md", "bench", report(size_name, size, results, figures))
     return results
@@ -382,9 +392,6 @@ def rewrite_report(out: str | Path, docs: str | Path | None = None) -> dict:
     results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
                                   for k in ("ctrl", "cfg", "cfg_w")})
     results["gamma"] = {t: {float(g): v for g, v in sweep.items()} for t, sweep in results["gamma"].items()}
-    results.setdefault("front_seeds", {t: [] for t in results["fronts"]})  # before per-seed fronts: seed 0 alone
-    for task in results["tasks"].values():  # JSON sorts keys: back to the methods' order
-        task["best"] = {m: task["best"][m] for m in SIZES[results["size"]].grid if m in task["best"]}
     folder = docs / "figures"
     figures = {"efficiency": folder / "sample_efficiency.png", "gamma": folder / "gamma_sweep.png"}
     figures.update({f"front-{t}": folder / f"front-{t}.png" for t in TASKS})

@@ -53,8 +53,9 @@ def write_section(path: str | Path, key: str, text: str) -> None:
     write_text(path, doc)
 
 
-def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
+    """Atomically; keys sorted (stable diffs of configs) unless their order means something (`sort_keys=False`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: str | Path) -> dict:
