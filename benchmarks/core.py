@@ -20,8 +20,10 @@ import torch
 from _doc import machine, write_section
 
 from ctrldiff import config as C
-from ctrldiff.evaluate import features, frechet_distance, generate
+from ctrldiff.conditions import balanced_conditions
+from ctrldiff.evaluate import generate
 from ctrldiff.methods import build_method
+from ctrldiff.metrics import features, frechet_distance
 from ctrldiff.pipeline import (
     backend_for,
     controls_of,
@@ -32,7 +34,6 @@ from ctrldiff.pipeline import (
     run_evaluate,
     run_finetune,
 )
-from ctrldiff.rl.finetune import balanced_conditions
 from ctrldiff.runs import Run
 from ctrldiff.tasks.mnist import load_digits, to_unit
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from _doc import ROOT, machine, write_section
+from _tasks import acc, gap_trend, run_tasks, task_main
 
 from ctrldiff import config as C
 from ctrldiff.classifier import evaluate_classifier, fit_classifier
@@ -43,14 +42,10 @@ from ctrldiff.pipeline import (
     on_base_samples,
     pairs_for,
     real_features,
-    results_table,
-    run_evaluate,
-    run_finetune,
     target_bank,
 )
 from ctrldiff.plots import plot_reliability
 from ctrldiff.rl import RewardTerm
-from ctrldiff.runs import Run
 from ctrldiff.target import on_trusted, target_metrics
 
 TUNING_MD = ROOT / "docs" / "tuning.md"
@@ -166,62 +161,6 @@ def part_classifiers(args) -> None:
     print("\n".join(lines))
 
 
-# --- one CTRL task (subprocess, so that its peak memory is its own) ------------------------------------------
-
-def ctrl_task(preset: str, overrides: list[str], out: Path) -> dict:
-    """classifier -> CTRL -> evaluate with the target beside base and CTRL (the product's pipeline)."""
-    cfg = C.apply_overrides(C.preset(preset), overrides)
-    run = Run(out, cfg, overwrite=True)
-    t0 = time.time()
-    terms, reports = fit_reward_terms(cfg, run, progress=False)
-    t_clf = time.time() - t0
-    backend = backend_for(cfg)
-    model, summary = run_finetune(cfg, run, terms, backend, progress=False)
-    ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
-                        model=model.merge_lora())
-    results = run_evaluate(cfg, run, [ctrl], backend, progress=False, terms=terms)
-    gaps = [r["gap"] for r in run.records() if "gap" in r]
-    return {"preset": preset, "overrides": overrides, "config": cfg.to_dict(), "classifiers": reports,
-            "classifier_seconds": t_clf, "finetune_seconds": summary["seconds"], "results": results,
-            "table": results_table(results, controls_of(cfg)), "gap_curve": gaps, "run": str(out),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def run_tasks(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int = 1) -> list[dict]:
-    """Each job in its own process (`threads` each when several run at once); results in job order. Each task
-    also writes its result.json into its run folder, so a sweep cut short keeps what it finished."""
-    import os
-    import subprocess
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if parallel > 1 else dict(os.environ)
-    procs, results = [], [None] * len(jobs)
-    pending = list(enumerate(jobs))
-    while pending or procs:
-        while pending and len(procs) < parallel:
-            i, (preset, overrides, out) = pending.pop(0)
-            cmd = [sys.executable, __file__, "task", "--preset", preset, "--out", str(out)]
-            cmd += [x for o in overrides for x in ("--set", o)]
-            procs.append((i, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
-        i, p = procs.pop(0)
-        stdout, _ = p.communicate()
-        if p.returncode != 0:
-            raise SystemExit(f"task {jobs[i]} failed with exit code {p.returncode}")
-        results[i] = json.loads(stdout.split("RESULT ", 1)[1])
-        print(f"done: {jobs[i][0]} {jobs[i][1]}", flush=True)
-    return results
-
-
-def gap_trend(gaps: list[float], parts: int = 5) -> str:
-    """The meter's mean over consecutive fifths of training: its trend in a few numbers."""
-    chunks = np.array_split(np.array(gaps), parts)
-    return " → ".join(f"{c.mean():.1f}" for c in chunks if len(c))
-
-
-def _acc(m: dict) -> float:
-    """Joint accuracy for several controls, else the one control's."""
-    return m.get("joint_accuracy", next(v["accuracy"] for v in m.values() if isinstance(v, dict) and "accuracy" in v))
-
-
 # --- final step ---------------------------------------------------------------------------------------------
 
 def part_final_step(args) -> None:
@@ -236,7 +175,7 @@ def part_final_step(args) -> None:
                     ov = [*args.overrides, f"rl.controls={controls}", f"rl.final_step={json.dumps(final)}",
                           f"seed={seed}"]
                     jobs.append((preset, ov, args.out / f"{preset}-g{gamma:g}-{final}-s{seed}"))
-    res = run_tasks(jobs, args.parallel)
+    res = run_tasks(__file__, jobs, args.parallel)
     title = ("## The last step on images: `rl.final_step` \"model\" vs \"base\", measured" if args.section is None
              else f"## Tuning: {' '.join(args.overrides)}")
     lines = [title + "\n",
@@ -252,9 +191,9 @@ def part_final_step(args) -> None:
         c, t = r["results"]["ctrl"], r["results"]["target"]
         cfg = r["config"]
         lines.append(f"| {preset} | {next(iter(cfg['rl']['controls'].values())):g} | {cfg['rl']['final_step']} | "
-                     f"{cfg['seed']} | {_acc(c):.3f} | {_acc(t):.3f} | {c['digit_fidelity']:.3f} | "
+                     f"{cfg['seed']} | {acc(c):.3f} | {acc(t):.3f} | {c['digit_fidelity']:.3f} | "
                      f"{t['digit_fidelity']:.3f} | {c['feature_fid']:.1f} | {t['feature_fid']:.1f} | "
-                     f"{c['mean_kl']:.1f} | {c['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
+                     f"{c['mean_kl']:.1f} | {c['yardstick']['trusted']['gap']:.2f} | {gap_trend(r['gap_curve'])} |")
     write_doc_section(TUNING_MD, args.section or "final-step-" + "-".join(args.presets), "\n".join(lines))
     write_json(args.out / "final-step.json", res)
     print("\n".join(lines))
@@ -306,7 +245,7 @@ def part_tune(args) -> None:
     t_start = time.time()
     picked = range(len(TUNE)) if args.pick is None else args.pick
     jobs = [(TUNE[i][1], [*args.overrides, *TUNE[i][2]], args.out / f"{i:02d}-{TUNE[i][1]}") for i in picked]
-    run_tasks(jobs, args.parallel, args.threads)
+    run_tasks(__file__, jobs, args.parallel, args.threads)
     lines = ["## Tuning CTRL's optimisation against its target\n",
              (f"Table written by `{_command('tune', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}, "
               "from runs made in pieces (`--pick`) on the machines the column \"networks on\" names (the notes "
@@ -335,9 +274,10 @@ def part_tune(args) -> None:
         min_ess = r["config"]["target"]["min_ess"]
         trusted = (on_trusted(c["per_cell"], t["cells"], min_ess)["accuracy"]
                    - on_trusted(t["cells"], t["cells"], min_ess)["accuracy"])
-        lines.append(f"| {preset} | {label} | {_acc(c):.3f} | {_acc(c) - _acc(t):+.3f} | {trusted:+.3f} | "
+        lines.append(f"| {preset} | {label} | {acc(c):.3f} | {acc(c) - acc(t):+.3f} | {trusted:+.3f} | "
                      f"{c['digit_fidelity']:.3f} | {c['digit_fidelity'] - t['digit_fidelity']:+.3f} | "
-                     f"{c['feature_fid'] / t['feature_fid']:.2f} | {c['gap']:.1f} | {gap_trend(r['gap_curve'])} | "
+                     f"{c['feature_fid'] / t['feature_fid']:.2f} | {c['yardstick']['trusted']['gap']:.1f} | "
+                     f"{gap_trend(r['gap_curve'])} | "
                      f"{r['config']['device']} | {r['finetune_seconds']:.0f} |")
     write_doc_section(TUNING_MD, "ctrl-tuning", "\n".join(lines))
     print("\n".join(lines))
@@ -399,7 +339,7 @@ def reuse(files: list[Path], presets: list[str], overrides: list[str]) -> list[d
 def part_main(args) -> None:
     t_start = time.time()
     jobs = [(p, args.overrides, args.out / p) for p in args.presets]
-    res = reuse(args.reuse, args.presets, args.overrides) if args.reuse else run_tasks(jobs, args.parallel)
+    res = reuse(args.reuse, args.presets, args.overrides) if args.reuse else run_tasks(__file__, jobs, args.parallel)
     FIGURES.mkdir(parents=True, exist_ok=True)
     doc = ["# CTRL against its target p_γ\n",
            (f"Produced by `{_command('main', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; total "
@@ -454,9 +394,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out or Path("runs") / f"bench-target-{args.part}"
     if args.part == "task":
-        result = ctrl_task(args.preset, args.overrides, args.out)
-        write_json(args.out / "result.json", result)
-        print("RESULT " + json.dumps(result))
+        task_main(args)
     elif args.part == "classifiers":
         args.gammas = args.gammas or [10.0, 30.0]
         part_classifiers(args)

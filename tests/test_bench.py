@@ -116,6 +116,15 @@ def test_best_accuracy_at_a_fidelity_is_interpolated_along_the_front(level, best
     assert got == pytest.approx(best) if best is not None else got is None
 
 
+def test_best_accuracy_lies_on_the_concave_envelope_of_the_settings():
+    """A random mixture of two settings reaches every point between them: at 0.85 the mixture of (0.80, 0.90) and
+    (0.90, 0.55) gives 0.725, above the setting measured there (0.60)."""
+    pts = _pts((0.80, 0.90), (0.85, 0.60), (0.90, 0.55))
+    assert best_at(pts, 0.85) == pytest.approx(0.725)
+    assert best_at(pts, 0.78) == pytest.approx(0.90) and best_at(pts, 0.90) == pytest.approx(0.55)
+    assert best_at(_pts((0.8, 0.5), (0.8, 0.7)), 0.8) == pytest.approx(0.7)  # one fidelity, two accuracies
+
+
 def test_a_front_that_never_reaches_the_level_says_so():
     assert best_at(_pts((0.5, 0.9), (0.6, 0.8)), 0.8) is None and best_at([], 0.8) is None
 
@@ -139,8 +148,8 @@ def test_the_front_table_averages_each_seeds_own_front():
     for p in [*curves["ctrl"], *curves["target"]]:
         p |= {"seconds_per_sample": 0.01 if p in curves["ctrl"] else float("nan"), "passes": 20}
     rows = {r.split(" | ")[0][2:]: r.split(" | ")[1:3] for r in front_table(curves, seeds)[2:]}
-    # at 0.90: 0.7 and 0.4 where reached (the third seed stops at 0.85); at 0.80: 0.8, 0.9, 0.9
-    assert rows["ctrl"] == ["0.550 ± 0.150 (2 of 3 seeds)", "0.867 ± 0.047"]
+    # at 0.90: 0.7 and 0.4 where reached (the third seed stops at 0.85); at 0.80: 0.8, 0.9, 0.9; std with ddof = 1
+    assert rows["ctrl"] == ["0.550 ± 0.212 (2 of 3 seeds)", "0.867 ± 0.058"]
     assert rows["target"] == ["0.700", "0.700"]  # not in the seeds' fronts: its one front
 
 

@@ -5,13 +5,14 @@ import torch
 from torch import nn
 
 from ctrldiff.checkpoint import Checkpointer
+from ctrldiff.conditions import balanced_conditions
 from ctrldiff.config import tiny
 from ctrldiff.contracts import Cond
 from ctrldiff.control import ControlledDenoiser, y_guidance
 from ctrldiff.io import CtrlDiffError
 from ctrldiff.models import SmallUNet
 from ctrldiff.rl import RewardTerm, finetune
-from ctrldiff.rl.finetune import balanced_conditions, lr_factor
+from ctrldiff.rl.finetune import lr_factor
 from ctrldiff.sampling import sample
 from ctrldiff.tasks.controls import Control
 
@@ -165,7 +166,8 @@ def test_final_step_by_the_base_changes_only_the_last_state(tiny_backend):
     eps = tiny_backend.denoiser(frozen.xs[-2], t, cond)
     a = tiny_backend.schedule.abar(t, eps)
     torch.testing.assert_close(frozen.x0, (frozen.xs[-2] - (1 - a).sqrt() * eps) / a.sqrt())  # the base's Tweedie
-    assert ControlledDenoiser(tiny_backend, {"a": 3}).final(tiny_backend) is None
+    assert ControlledDenoiser(tiny_backend, {"a": 3}).final(tiny_backend) == tiny_backend.denoiser  # one default:
+    assert ControlledDenoiser(tiny_backend, {"a": 3}, final_step="model").final(tiny_backend) is None  # the config's
     with pytest.raises(CtrlDiffError, match="final_step"):
         ControlledDenoiser(tiny_backend, {"a": 3}, final_step="nope")
 

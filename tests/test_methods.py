@@ -2,12 +2,15 @@
 ran, bad knobs are one-line errors, SMC's shapes, the CFG baseline's training and the noise-aware classifier
 file."""
 
+import math
+
 import pytest
 import torch
 from conftest import GaussianBase
 
 from ctrldiff.backends.pixels import PixelBackend
 from ctrldiff.classifier import Classifier, NoisyClassifier, fit_classifier, fit_noisy_classifier
+from ctrldiff.conditions import balanced_conditions
 from ctrldiff.config import ClassifierConfig, TripletsConfig
 from ctrldiff.contracts import Cond
 from ctrldiff.control import ControlledDenoiser, y_guidance
@@ -16,7 +19,6 @@ from ctrldiff.methods import KNOBS, Cost, Likelihood, build_method, check_knobs
 from ctrldiff.methods.particles import _resample, smc
 from ctrldiff.methods.triplets import fit_cfg
 from ctrldiff.models import SmallCNN
-from ctrldiff.rl.finetune import balanced_conditions
 from ctrldiff.sampling import sample
 from ctrldiff.schedule import Schedule
 
@@ -40,14 +42,15 @@ def _draw(method, cond, seed=3, cost=None):
     return method(cond, torch.Generator().manual_seed(seed), cost)[0]
 
 
-def _base_x0(backend, cond, seed=3, denoiser=None):
-    """The base sampler (or `denoiser`) from the x_T that build_method's chain draws first."""
+def _base_x0(backend, cond, seed=3, denoiser=None, final=None):
+    """The base sampler (or `denoiser`, `final` taking the last step) from the x_T that build_method's chain draws
+    first."""
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(cond), *backend.shape), generator=g)
     with torch.no_grad():
         denoiser = backend.denoiser if denoiser is None else denoiser
         return sample(denoiser, backend.schedule, x_T, cond, steps=STEPS, eta=1.0,
-                      generator=g).x0
+                      generator=g, final=final).x0
 
 
 # --- 1. neutral settings reproduce the base sampler ---------------------------------------------------------
@@ -79,11 +82,12 @@ def _moved_model(backend) -> ControlledDenoiser:
 @pytest.mark.parametrize("name", ["ctrl", "cfg"])
 def test_ctrl_and_cfg_sample_the_model(tiny_backend, name):
     model, cond = _moved_model(tiny_backend), _cond(6)
+    final = model.final(tiny_backend)  # the base's last step (rl.final_step="base", the model's default)
     x0 = _draw(build_method(name, tiny_backend, {"w": 1}, steps=STEPS, model=model), cond)
-    assert torch.equal(x0, _base_x0(tiny_backend, cond, denoiser=model))
+    assert torch.equal(x0, _base_x0(tiny_backend, cond, denoiser=model, final=final))
     assert not torch.equal(x0, _base_x0(tiny_backend, cond))  # the model is not the base: the check can fail
     guided = _draw(build_method(name, tiny_backend, {"w": 2.5}, steps=STEPS, model=model), cond)
-    assert torch.equal(guided, _base_x0(tiny_backend, cond, denoiser=y_guidance(model, 2.5)))
+    assert torch.equal(guided, _base_x0(tiny_backend, cond, denoiser=y_guidance(model, 2.5), final=final))
     assert not torch.equal(guided, x0)
 
 
@@ -188,9 +192,9 @@ def test_cost_of_ctrl_and_of_several_controls(tiny_backend):
     cost = Cost()
     _draw(build_method("ctrl", tiny_backend, {"w": 1}, steps=STEPS, model=model), _cond(b), cost=cost)
     assert _per_sample(cost, b) == (5, 0, 0, 0)
-    cost = Cost()  # guidance on y batches (null, y): two network passes per sample and step
+    cost = Cost()  # guidance on y batches (null, y): two network passes per sample and step, the base's last one
     _draw(build_method("cfg", tiny_backend, {"w": 3}, steps=STEPS, model=model), _cond(b), cost=cost)
-    assert _per_sample(cost, b) == (10, 0, 0, 0)
+    assert _per_sample(cost, b) == (2 * (STEPS - 1) + 1, 0, 0, 0)
     # two controls: one p̂ each, so the "classifier" kind counts twice per step
     (a,), (c,) = _classifiers(0)[0].values(), _classifiers(1)[0].values()
     cond = Cond(torch.arange(b), {"a": torch.tensor([0, 1, 0, 1]), "b": torch.tensor([1, 1, 0, 0])})
@@ -288,7 +292,7 @@ def test_smc_returns_one_particle_per_request(tiny_backend, ess):
                    ess=ess, **kw)
 
     with torch.no_grad():
-        one, every = run(), run(return_all=True)
+        one, (every, _) = run(), run(return_all=True)
     assert one.shape == (3, *tiny_backend.shape) and every.shape == (3 * k, *tiny_backend.shape)
     assert torch.isfinite(every).all()
     for i in range(3):  # request-major: request i's answer is one of its own K particles
@@ -307,7 +311,7 @@ def test_smc_weights_start_from_the_twist_at_x_T(tiny_backend):
                    torch.Generator().manual_seed(3), steps=1, eta=1.0, particles=k, gamma=1e4, w=0.0, ess=0.0, **kw)
 
     with torch.no_grad():
-        one, every = run(), run(return_all=True)
+        one, (every, _) = run(), run(return_all=True)
         ll = lik(every, cond.index(torch.arange(64).repeat_interleave(k))).view(64, k)
     best = every.view(64, k, *every.shape[1:])[torch.arange(64), ll.argmax(1)]
     assert (one == best).flatten(1).all(1).float().mean() > 0.9
@@ -381,3 +385,50 @@ def test_noisy_classifier_round_trip(tmp_path):
         NoisyClassifier.load(tmp_path / "clf.safetensors")
     with pytest.raises(CtrlDiffError, match="not a classifier checkpoint"):
         Classifier.load(tmp_path / "noisy.safetensors")
+
+
+# --- 6. CTRL as the proposal of an exact sampler --------------------------------------------------------------
+
+def test_ctrl_smc_with_a_model_equal_to_the_base_is_smc_from_the_base(tiny_backend):
+    classifiers, _ = _classifiers()
+    cond, knobs = _cond(6), {"particles": 4, "gamma": 10.0, "ess": 0.5}
+    ctrl_smc = build_method("ctrl_smc", tiny_backend, knobs, steps=STEPS, classifiers=classifiers,
+                            model=ControlledDenoiser(tiny_backend, {CONTROL: 2}))
+    smc_base = build_method("smc", tiny_backend, knobs | {"w": 0.0}, steps=STEPS, classifiers=classifiers)
+    assert torch.equal(_draw(ctrl_smc, cond), _draw(smc_base, cond))
+    moved = build_method("ctrl_smc", tiny_backend, knobs, steps=STEPS, classifiers=classifiers,
+                         model=_moved_model(tiny_backend))
+    assert not torch.equal(_draw(moved, cond), _draw(smc_base, cond))  # the proposal is the model's chain
+    with pytest.raises(CtrlDiffError, match="ctrl_smc.*needs a fine-tuned checkpoint"):
+        build_method("ctrl_smc", tiny_backend, knobs, steps=STEPS, classifiers=classifiers)
+
+
+class Uniform(torch.nn.Module):
+    """p̂(y | x) = 1 / 2 whatever x: a twist that weighs nothing."""
+
+    def forward(self, x):
+        return torch.zeros((len(x), 2))
+
+    def log_prob(self, x, y):
+        return self(x).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+
+def test_ctrl_smc_weights_are_the_path_ratio_when_the_classifier_is_constant(tiny_backend):
+    """With p̂ constant the target is the base's own chain: the weights are 1 for a proposal equal to the base, and
+    dP_pre / dP_theta (mean 1) for a fine-tuned one."""
+    lik, k = Likelihood(tiny_backend, {CONTROL: Uniform()}), 2000
+    cond = Cond(torch.zeros(1, dtype=torch.long), {CONTROL: torch.zeros(1, dtype=torch.long)})
+
+    def run(model):  # log weights less the constant twist gamma log(1/2)
+        with torch.no_grad():
+            return smc(tiny_backend.denoiser, tiny_backend.schedule, lik, cond, tiny_backend.shape,
+                       torch.Generator().manual_seed(1), steps=STEPS, eta=1.0, particles=k, gamma=10.0, w=0.0,
+                       ess=0.0, proposal=model, return_all=True)[1] - 10.0 * math.log(0.5)
+
+    assert run(ControlledDenoiser(tiny_backend, {CONTROL: 2})).abs().max() < 1e-5
+    moved = ControlledDenoiser(tiny_backend, {CONTROL: 2}, lora_rank=0)
+    with torch.no_grad():
+        moved.embeddings[CONTROL].weight[:2] = 0.01 * torch.randn(2, tiny_backend.emb_dim)
+    log_w = run(moved.eval())
+    w = log_w.exp()
+    assert log_w.std() > 0.05 and abs(w.mean().item() - 1) < 4 * w.std().item() / k**0.5

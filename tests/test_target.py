@@ -2,32 +2,37 @@
 
 import math
 
+import gaussian_chain
 import numpy as np
 import pytest
 import torch
 from test_control_rl import MeanBrightness
 
 from ctrldiff.backends.mixture import MIXTURES, mode_masses
+from ctrldiff.conditions import balanced_conditions, request_index
 from ctrldiff.config import tiny
 from ctrldiff.contracts import Cond
 from ctrldiff.control import ControlledDenoiser
-from ctrldiff.evaluate import evaluate
+from ctrldiff.evaluate import evaluate, path_meter
 from ctrldiff.exactness import CONTROL, exact_samples, make_setup, optimum, rl_config
 from ctrldiff.io import CtrlDiffError
 from ctrldiff.methods import build_method
 from ctrldiff.rl import RewardTerm, finetune
-from ctrldiff.rl.finetune import balanced_conditions
 from ctrldiff.sampling import sample
+from ctrldiff.schedule import gaussian_log_prob
 from ctrldiff.target import (
+    PathLogZ,
+    PathStats,
     bank_log_probs,
+    bank_log_z,
     build_bank,
     estimate,
     load_bank,
-    log_z_table,
-    lookup,
     meter,
     on_trusted,
+    path_stats,
     target_metrics,
+    yardstick,
 )
 from ctrldiff.tasks.controls import Control
 
@@ -52,7 +57,7 @@ def test_importance_sampling_matches_the_exact_target_on_2d_mixtures():
         exact = mode_masses(mix, exact_samples(mix, setup.classifier, y, 3.0, 40_000, g))
         assert (weighted - exact).abs().max() < 0.02, (weighted, exact)
     grid = optimum(setup, 3.0)["log_z"]
-    assert abs(est.log_z.mean().item() - grid) < 0.02, (est.log_z.mean().item(), grid)
+    assert abs(est.log_z.table.mean().item() - grid) < 0.02, (est.log_z.table.mean().item(), grid)
     assert min(est.ess.values()) > 1000  # gamma 3 on this task keeps thousands of effective samples
 
 
@@ -134,89 +139,204 @@ def test_a_killed_bank_build_leaves_no_file(tiny_backend, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_objective_j_is_the_hand_computed_one_and_the_gap_uses_log_z(tiny_backend):
+def test_evaluate_judges_with_reward_classifier_and_monitor_and_the_meter_paths_by_hand(tiny_backend):
+    """evaluate: the mean reward and the joint verdicts of the reward classifier and the monitor; path_meter: per
+    request, J = reward - path KL and the path weights' log-mean-exp, recomputed here from the same draws."""
     cfg = tiny()
     cfg.eval.per_class, cfg.eval.batch, cfg.sampler.steps = 4, 64, 5
     term = _bright_term(tiny_backend, 3.0)
+    term.monitor = MeanBrightness(10.0)  # an independent judge that calls every image dark (class 0)
     model = ControlledDenoiser(tiny_backend, {"bright2": 2}, lora_rank=0)
     with torch.no_grad():
         model.embeddings["bright2"].weight[:2] = torch.randn(2, tiny_backend.emb_dim)
-    log_z = torch.randn(10, 2)
     method = build_method("ctrl", tiny_backend, steps=5, model=model)
-    out, _, cond = evaluate(method, tiny_backend, [term.control], cfg, None, None, reference=tiny_backend.denoiser,
-                            seed=3, progress=False, terms=[term], log_z=log_z)
-    g = torch.Generator().manual_seed(3)  # the same draws by hand: x_T then the chain's noise, one batch
-    x_T = torch.randn((8, 1, 8, 8), generator=g)
+    out, images, cond = evaluate(method, tiny_backend, [term.control], cfg, None, None,
+                                 reference=tiny_backend.denoiser, seed=3, progress=False, terms=[term])
+    x = images * 2 - 1
+    assert out["reward"] == pytest.approx(3.0 * term.classifier.log_prob(x, cond.y["bright2"]).mean().item(), abs=1e-5)
+    for key, clf in [("classifier_accuracy", term.classifier), ("monitor_accuracy", term.monitor)]:
+        ok = clf.predict(x) == cond.y["bright2"]
+        assert out[key] == pytest.approx(ok.float().mean().item())
+        for r in out["per_cell"]:  # one sample per cell
+            i = int(torch.nonzero((cond.c == r["c"]) & (cond.y["bright2"] == r["y"][0]))[0, 0])
+            assert r[key] == float(ok[i])
+    assert out["classifier_accuracy"] != out["monitor_accuracy"]  # two judges, two verdicts
+
+    stats = path_meter(method, tiny_backend, [term], cfg, per_request=3, seed=4, progress=False)
+    pcond = balanced_conditions(3 * 20, 10, {"bright2": 2})
+    g = torch.Generator().manual_seed(4)  # the same draws by hand: x_T then the chain's noise, one batch
     with torch.no_grad():
-        traj = sample(model, tiny_backend.schedule, x_T, cond, steps=5, generator=g, reference=tiny_backend.denoiser)
-        reward = 3.0 * term.classifier.log_prob(tiny_backend.classifier_input(traj.x0), cond.y["bright2"])
-    j = (reward - traj.path_kl()).mean().item()
-    assert out["objective"] == pytest.approx(j, abs=1e-4)
-    assert out["log_z"] == pytest.approx(log_z[cond.c, cond.y["bright2"]].mean().item())
-    assert out["gap"] == pytest.approx(out["log_z"] - j, abs=1e-4)
-    assert len(out["per_cell"]) == 8 and all(r["n"] == 1 for r in out["per_cell"])
-    clf_ok = term.classifier(tiny_backend.classifier_input(traj.x0)).argmax(-1) == cond.y["bright2"]
-    assert out["classifier_accuracy"] == pytest.approx(clf_ok.float().mean().item())
-    for r in out["per_cell"]:  # one sample per cell
-        i = int(torch.nonzero((cond.c == r["c"]) & (cond.y["bright2"] == r["y"][0]))[0, 0])
-        assert r["classifier_accuracy"] == float(clf_ok[i])
+        traj = sample(model, tiny_backend.schedule, torch.randn((60, 1, 8, 8), generator=g), pcond, steps=5,
+                      generator=g, reference=tiny_backend.denoiser, final=model.final(tiny_backend))
+        r = 3.0 * term.classifier.log_prob(tiny_backend.classifier_input(traj.x0), pcond.y["bright2"])
+    j, log_w = r - traj.path_kl(), r + traj.log_ratio()
+    assert bool((stats.n == 3).all())
+    for c, y in [(0, 0), (7, 1)]:
+        m = (pcond.c == c) & (pcond.y["bright2"] == y)
+        assert stats.j[c, y].item() == pytest.approx(j[m].mean().item(), abs=1e-4)
+        assert stats.log_z[c, y].item() == pytest.approx((torch.logsumexp(log_w[m], 0) - math.log(3)).item(), abs=1e-4)
+        assert stats.kl[c, y].item() == pytest.approx(traj.path_kl()[m].mean().item(), abs=1e-4)
+    own_last = ControlledDenoiser(tiny_backend, {"bright2": 2}, lora_rank=0, final_step="model")
+    own_last.load_adapter_state(model.adapter_state())
+    assert path_meter(build_method("ctrl", tiny_backend, steps=5, model=own_last), tiny_backend, [term], cfg, 1,
+                      progress=False) is None  # its own last step: no path ratio to the base
+    assert path_meter(build_method("best_of_n", tiny_backend, steps=5, classifiers={"bright2": term.classifier}),
+                      tiny_backend, [term], cfg, 1, progress=False) is None  # not one chain
 
 
-def test_log_z_minus_j_is_nonnegative_on_2d_and_logged_while_fine_tuning():
-    """KL(P_theta || P*) >= 0: J of a briefly fine-tuned CTRL (last step by the base) stays below log Z up to
-    Monte-Carlo error, and the loop logs the gap it closes."""
+def test_log_ratio_is_the_gaussian_log_density_ratio_and_undefined_on_a_foreign_last_step(tiny_backend):
+    model = ControlledDenoiser(tiny_backend, {"a": 2}, lora_rank=0)
+    with torch.no_grad():
+        model.embeddings["a"].weight[:2] = torch.randn(2, tiny_backend.emb_dim)
+    cond = Cond(torch.arange(4), {"a": torch.arange(4) % 2})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        traj = sample(model, tiny_backend.schedule, torch.randn((4, 1, 8, 8), generator=g), cond, steps=4,
+                      generator=g, reference=tiny_backend.denoiser, final=model.final(tiny_backend))
+        by_hand = sum(gaussian_log_prob(traj.xs[i + 1], r, s) - gaussian_log_prob(traj.xs[i + 1], m, s)
+                      for i, (m, r, s) in enumerate(zip(traj.means, traj.ref_means, traj.stds)) if (s > 0).all())
+        torch.testing.assert_close(traj.log_ratio(), by_hand, rtol=1e-4, atol=1e-3)
+        own = sample(model, tiny_backend.schedule, torch.randn((4, 1, 8, 8), generator=g), cond, steps=4,
+                     generator=g, reference=tiny_backend.denoiser)
+    assert traj.shares_deterministic_steps() and not own.shares_deterministic_steps()
+    with pytest.raises(ValueError, match="path ratio to the base is undefined"):
+        own.log_ratio()
+
+
+def test_path_meter_is_the_closed_form_kl_on_a_linear_gaussian_chain():
+    """Gaussian base, linear reward: log Z, J and KL(P_theta || P*) are closed form, for the base and for a chain
+    whose eps is moved by a constant per step; the path weights' estimates agree within Monte-Carlo error."""
+    be, steps, n = gaussian_chain.backend(), 6, 20_000
+    coefs = gaussian_chain.affine_steps(be, steps)
+    # half the optimal control at every stochastic step: u_i = k_i shift_i / sigma_i = u*_i / 2
+    shifts = [torch.zeros(2) if u is None else 0.5 * u * s / k
+              for u, (_, _, s, k) in zip(gaussian_chain.optimal_controls(coefs), coefs)]
+
+    class Shifted:  # eps_pre + a constant per step (the last step stays the base's)
+        def __call__(self, x, t, cond):
+            i = int((be.schedule.timesteps(steps) == t[0]).nonzero())
+            return be.denoiser(x, t, cond) + shifts[i]
+
+    exact_z = gaussian_chain.log_z(coefs)
+    for net, sh in [(be.denoiser, None), (Shifted(), shifts)]:
+        mean, _ = gaussian_chain.chain_moments(coefs, sh)
+        kl = sum(0.5 * float(((k * d) / s) @ ((k * d) / s)) for (_, _, s, k), d in zip(coefs, sh) if s > 0) if sh else 0.0
+        exact_gap = exact_z - (float(gaussian_chain.A @ mean) - kl)
+        cond = Cond(torch.zeros(n, dtype=torch.long), {"linear": torch.zeros(n, dtype=torch.long)})
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            traj = sample(net, be.schedule, torch.randn((n, 2), generator=g), cond, steps=steps, generator=g,
+                          reference=be.denoiser)
+        r = traj.x0 @ gaussian_chain.A
+        stats = path_stats(request_index(cond, ["linear"]), (1, 1), r, traj.path_kl(), traj.log_ratio())
+        se = math.sqrt(stats.j_std[0, 0].item() ** 2 / n + 1 / stats.ess[0, 0].item())
+        assert stats.kl[0, 0].item() == pytest.approx(kl, rel=1e-3, abs=1e-6)
+        assert stats.log_z[0, 0].item() == pytest.approx(exact_z, abs=4 * se)
+        assert (stats.log_z - stats.j)[0, 0].item() == pytest.approx(exact_gap, abs=4 * se)
+        assert exact_gap > 5 * se  # neither chain is the target (the half-way one: a quarter of the base's gap)
+
+
+def test_the_fine_tunes_meters_agree_with_the_exact_gap_on_2d_mixtures():
+    """KL(P_theta || P*) = log Z - J: a briefly fine-tuned CTRL on the 2-D mixtures, measured by the bank's log Z
+    (40,000 base-chain samples per c: near exact) and by its own path weights, request by request, agree within
+    Monte-Carlo error; during the fine-tune both meters are logged and fall."""
     setup = make_setup(steps=10)
     cfg = rl_config(setup, 3.0, 1.0, steps=60, batch=128)
-    bank = build_bank(setup.backend, 20_000, steps=10, eta=1.0, progress=False)
-    table = log_z_table(bank_log_probs(setup.backend, bank, {CONTROL.name: setup.classifier}), {CONTROL.name: 3.0})
+    bank = build_bank(setup.backend, 40_000, steps=10, eta=1.0, progress=False)
+    log_z = bank_log_z(bank_log_probs(setup.backend, bank, {CONTROL.name: setup.classifier}), {CONTROL.name: 3.0})
     records = []
     term = RewardTerm(CONTROL, setup.classifier, 3.0)
-    model, _ = finetune(setup.backend, [term], cfg, log=records.append, progress=False, log_z=table)
-    gaps = [r["gap"] for r in records]
-    assert np.mean(gaps[-10:]) < np.mean(gaps[:10])  # the meter falls as the fine-tune converges
-    cond = balanced_conditions(6000, setup.backend.num_c, {CONTROL.name: 3})
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        traj = sample(model, setup.backend.schedule, torch.randn((6000, 2), generator=g), cond, steps=10,
-                      generator=g, reference=setup.backend.denoiser, final=model.final(setup.backend))
-        per = lookup(table, cond, [CONTROL.name]) - (3.0 * setup.classifier.log_prob(traj.x0, cond.y[CONTROL.name])
-                                                      - traj.path_kl())
-    assert per.mean().item() > -3 * per.std().item() / math.sqrt(len(per)), per.mean().item()
+    model, _ = finetune(setup.backend, [term], cfg, log=records.append, progress=False, log_z=log_z)
+    for key in ("gap", "gap_all"):
+        gaps = [r[key] for r in records]
+        assert np.mean(gaps[-10:]) < np.mean(gaps[:10]), key  # the meter falls as the fine-tune converges
+    cfg.eval.batch = 4096
+    stats = path_meter(build_method("ctrl", setup.backend, steps=10, model=model), setup.backend, [term], cfg, 1500,
+                       seed=5, progress=False)
+    gap_bank, gap_paths = log_z.table - stats.j, stats.log_z - stats.j
+    se = (stats.j_std**2 / stats.n + 1 / stats.ess + 1 / log_z.ess).sqrt()
+    assert bool((gap_bank > -4 * se).all()), gap_bank  # >= 0 up to Monte-Carlo error
+    assert bool(((gap_paths - gap_bank).abs() < 4 * se).all()), (gap_paths, gap_bank, se)
+    assert 0.01 < gap_bank.mean().item() < 1.0  # a fine-tune between its start and its optimum
 
 
-def test_base_model_gap_is_jensens_and_positive(tiny_backend):
-    """For the base itself (KL = 0), J = E[gamma log p̂] <= log E[p̂^gamma] = log Z on the same bank."""
-    bank = build_bank(tiny_backend, 200, steps=5, eta=1.0, progress=False)
-    term = _bright_term(tiny_backend, 4.0)
-    lp = bank_log_probs(tiny_backend, bank, {"bright2": term.classifier})
-    table = log_z_table(lp, {"bright2": 4.0})
-    j = 4.0 * lp["bright2"].mean(1)  # (num_c, K)
-    assert bool((table >= j - 1e-5).all())
+def test_base_gap_from_sampling_the_base_is_log_z_minus_its_mean_reward():
+    """The base's own meter paths: KL = 0, J = E[gamma log p̂], and its gap log Z - J agrees with log Z from an
+    independent bank minus the mean reward of independent base samples (Jensen's gap, > 0)."""
+    setup = make_setup(steps=10)
+    cfg, term = rl_config(setup, 3.0, 1.0), RewardTerm(CONTROL, setup.classifier, 3.0)
+    cfg.eval.batch = 4096
+    bank = build_bank(setup.backend, 40_000, steps=10, eta=1.0, seed=7, progress=False)
+    lp = bank_log_probs(setup.backend, bank, {CONTROL.name: setup.classifier})
+    log_z = bank_log_z(lp, {CONTROL.name: 3.0})
+    mean_reward = 3.0 * lp[CONTROL.name].mean(1)  # (num_c, K): E_pre[gamma log p̂(y | x)]
+    stats = path_meter(build_method("base", setup.backend, steps=10), setup.backend, [term], cfg, 2000, seed=8,
+                       progress=False)
+    assert bool((stats.kl == 0).all())
+    se = (stats.j_std**2 / stats.n + 1 / stats.ess + 1 / log_z.ess).sqrt()
+    expected = log_z.table - mean_reward
+    assert bool(((stats.log_z - stats.j - expected).abs() < 4 * se).all()), (stats.log_z - stats.j, expected)
+    assert bool((expected > 0.1).all())
 
 
-def test_untrusted_cells_are_left_out_of_log_z_and_the_meter():
-    """A cell whose weight sits on one bank sample gets log Z = NaN at min_ess > 1 (its log-mean is biased low);
-    the meter averages log Z - J over the other requests only."""
+def test_untrusted_cells_are_left_out_of_the_trusted_meter_and_flagged_in_the_yardstick():
+    """A cell whose weight sits on one bank sample is not trusted at min_ess > 1 (its log-mean is biased low):
+    the batch meter leaves it out; the yardstick takes there the larger of the bank's and the paths' log Z, and
+    flags it when the paths' ESS is small too."""
     # 2 digits x 100 samples, one control with 2 classes: class 1 is near-certain for exactly one sample of c = 0
     lp = torch.full((2, 100, 2), math.log(0.5))
     lp[0, :, 1], lp[0, 0, 1] = math.log(1e-6), 0.0
     lp[0, :, 0] = torch.log1p(-lp[0, :, 1].exp())
-    table = log_z_table({"a": lp}, {"a": 5.0}, min_ess=10)
-    assert torch.isnan(table[0, 1]) and torch.isfinite(table[[0, 1, 1], [0, 0, 1]]).all()
-    assert torch.allclose(table[1], torch.full((2,), 5 * math.log(0.5)))  # every weight equal: log Z = gamma log p
-    assert torch.equal(torch.isfinite(log_z_table({"a": lp}, {"a": 5.0})), torch.ones(2, 2, dtype=torch.bool))
-    rows, j = torch.tensor([math.nan, -1.0, -2.0]), torch.tensor([-100.0, -3.0, -3.0])
-    assert meter(rows, j) == pytest.approx(1.5)  # ((-1 + 3) + (-2 + 3)) / 2; the NaN row left out
-    assert math.isnan(meter(torch.tensor([math.nan]), torch.tensor([0.0])))
+    z = bank_log_z({"a": lp}, {"a": 5.0}, min_ess=10)
+    assert torch.equal(z.trusted, torch.tensor([[True, False], [True, True]]))
+    assert torch.allclose(z.table[1], torch.full((2,), 5 * math.log(0.5)))  # every weight equal: log Z = gamma log p
+    assert z.ess[0, 1].item() == pytest.approx(1.0, abs=1e-3)
+    cond = Cond(torch.tensor([0, 0, 1]), {"a": torch.tensor([1, 0, 1])})
+    j = torch.tensor([-100.0, -5.0, -5.0])
+    assert meter(z, cond, ["a"], j) == pytest.approx(((z.table[0, 0] + 5) + (z.table[1, 1] + 5)).item() / 2)
+    assert math.isnan(meter(z, Cond(torch.tensor([0]), {"a": torch.tensor([1])}), ["a"], torch.tensor([0.0])))
+
+    def stats(log_z, ess, j):
+        full = (lambda v: torch.full((2, 2), float(v)))
+        return PathStats(n=full(8), j=j, j_std=full(1), kl=full(2), reward=j + 2, log_z=log_z, ess=ess,
+                         tilted_reward=j + 3)
+
+    j = torch.full((2, 2), -9.0)
+    high = stats(torch.tensor([[-20.0, -2.0], [-20.0, -20.0]]), torch.tensor([[2.0, 3.0], [2.0, 2.0]]), j)
+    out = yardstick(z, torch.zeros(2, 2), {"ctrl": high}, min_path_ess=5)
+    assert out["ctrl"]["trusted"]["requests"] == 3 and out["ctrl"]["all"]["requests"] == 4
+    assert out["ctrl"]["trusted"]["gap"] == pytest.approx((z.table[z.trusted] + 9).mean().item())
+    best = z.table.clone()
+    best[0, 1] = -2.0  # the paths' estimate is the larger one there (the bank's: log(1/100))
+    assert out["ctrl"]["all"]["gap"] == pytest.approx((best + 9).mean().item())
+    assert out["ctrl"]["all"]["flagged"] == 1 and out["log_z_source"] == {"bank": 3, "ctrl": 1}
+    assert out["target"]["all"]["J"] == pytest.approx(best.mean().item()) and math.isnan(out["target"]["all"]["gap"])
+    sure = stats(high.log_z, torch.full((2, 2), 50.0), j)  # the same estimate with a large ESS: nothing flagged
+    assert yardstick(z, torch.zeros(2, 2), {"ctrl": sure}, min_path_ess=5)["ctrl"]["all"]["flagged"] == 0
+
+
+def test_running_path_log_z_is_the_log_mean_exp_of_every_weight_so_far():
+    paths = PathLogZ((2, 3))
+    paths.add((torch.tensor([0, 0, 1]), torch.tensor([1, 1, 2])), torch.tensor([0.0, 1.0, -2.0]))
+    paths.add((torch.tensor([0]), torch.tensor([1])), torch.tensor([3.0]))
+    lz = paths.log_z()
+    assert lz[0, 1].item() == pytest.approx(math.log((1 + math.e + math.e**3) / 3), abs=1e-5)
+    assert lz[1, 2].item() == pytest.approx(-2.0) and lz[0, 0].item() == -math.inf
+    back = PathLogZ((2, 3))
+    back.load_state_dict(paths.state_dict())
+    assert torch.equal(back.log_z(), lz)
 
 
 def test_on_trusted_compares_only_the_cells_the_target_is_sure_of():
-    target = [{"c": 0, "y": [0], "ess": 500.0, "accuracy": 0.9, "digit_fidelity": 0.8, "classifier_accuracy": 1.0},
-              {"c": 0, "y": [1], "ess": 2.0, "accuracy": 0.1, "digit_fidelity": 0.0, "classifier_accuracy": 0.0},
-              {"c": 1, "y": [0], "ess": 40.0, "accuracy": 0.7, "digit_fidelity": 1.0, "classifier_accuracy": 0.5}]
+    target = [{"c": 0, "y": [0], "ess": 500.0, "accuracy": 0.9, "digit_fidelity": 0.8, "classifier_accuracy": 1.0,
+               "monitor_accuracy": 0.8},
+              {"c": 0, "y": [1], "ess": 2.0, "accuracy": 0.1, "digit_fidelity": 0.0, "classifier_accuracy": 0.0,
+               "monitor_accuracy": 0.0},
+              {"c": 1, "y": [0], "ess": 40.0, "accuracy": 0.7, "digit_fidelity": 1.0, "classifier_accuracy": 0.5,
+               "monitor_accuracy": 0.6}]
     method = [{"c": 0, "y": [0], "accuracy": 0.5, "n": 10}, {"c": 0, "y": [1], "accuracy": 1.0, "n": 10},
               {"c": 1, "y": [0], "accuracy": 0.3, "n": 10}]
     assert on_trusted(target, target, 30) == pytest.approx({"cells": 2, "accuracy": 0.8, "digit_fidelity": 0.9,
-                                                            "classifier_accuracy": 0.75})
+                                                            "classifier_accuracy": 0.75, "monitor_accuracy": 0.7})
     out = on_trusted(method, target, 30)
     assert out["cells"] == 2 and out["accuracy"] == pytest.approx(0.4) and math.isnan(out["digit_fidelity"])

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import config as C
 from .classifier import classifier_steps, held_back
 from .control import ControlledDenoiser
-from .evaluate import evaluate
+from .evaluate import evaluate, path_meter
 from .io import CtrlDiffError, atomic_path, read_json, read_meta, write_json, write_section
 from .pipeline import (
     backend_for,
@@ -39,6 +39,7 @@ from .pipeline import (
     fit_reward_terms,
     grid_of,
     load_reward_terms,
+    log_z_of,
     method_for,
     real_features,
     run_cfg_finetune,
@@ -82,7 +83,7 @@ class BenchSize:
 
 
 SIZES = {
-    "full": BenchSize("default", [0, 1, 2], [0], 128, 32),
+    "full": BenchSize("default", [0, 1, 2], [0], 128, 128),
     "quick": BenchSize("tiny", [0, 1], [0], 2, 1, QUICK_GRID, [20, 40], [0], [1.0, 10.0], 2),  # a smoke run: minutes
 }
 TASKS = {"compress4": {"compress4": 10.0}, "multi": {"thickness2": 10.0, "compress2": 10.0}}
@@ -155,10 +156,44 @@ def measure(cfg: C.Config, paths: dict, name: str, knobs: dict, env: dict, seed:
     method = method_for(cfg, name, env["backend"], knobs, paths.get(name) if name in ("ctrl", "cfg") else None,
                         paths["classifiers"])
     result = evaluate(method, env["backend"], controls_of(cfg), cfg, env["oracle"], env["real"],
-                      reference=env["backend"].denoiser, seed=seed, progress=False)
+                      reference=env["backend"].denoiser, seed=seed, progress=False,
+                      terms=load_reward_terms(cfg, paths["classifiers"]))  # the reward classifiers' and monitors' verdicts
     with atomic_path(cache) as tmp:
         torch.save(result, tmp)
     return result
+
+
+def measure_meter(cfg: C.Config, paths: dict, env: dict, seed: int) -> dict:
+    """CTRL's meter on every request: `target.paths` meter paths per request (`evaluate.path_meter`) beside the bank's
+    log Z and ESS, per request as nested lists (num_c, K_1, ...), cached like `measure`."""
+    cache = paths["measured"] / f"meter-n{cfg.target.paths}-s{seed}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    terms = load_reward_terms(cfg, paths["classifiers"])
+    bank = log_z_of(cfg, terms, env["backend"], progress=False)
+    method = method_for(cfg, "ctrl", env["backend"], {"w": cfg.eval.guidance}, paths["ctrl"], paths["classifiers"])
+    stats = path_meter(method, env["backend"], terms, cfg, cfg.target.paths, seed, progress=False)
+    result = {"bank_log_z": bank.table.tolist(), "bank_ess": bank.ess.tolist(), "j": stats.j.tolist(),
+              "path_log_z": stats.log_z.tolist(), "path_ess": stats.ess.tolist(), "min_ess": cfg.target.min_ess,
+              "min_path_ess": cfg.target.min_path_ess}
+    with atomic_path(cache) as tmp:
+        torch.save(result, tmp)
+    return result
+
+
+def common_meter(meters: dict[float, dict]) -> dict[float, dict]:
+    """log Z - J of each gamma's CTRL on one common set of requests: those the bank trusts at every gamma (the
+    intersection: a larger gamma trusts fewer), and every request (log Z the larger of the bank's and the paths';
+    flagged where both ESS are small)."""
+    t = {g: {k: torch.tensor(v) for k, v in m.items() if isinstance(v, list)} for g, m in meters.items()}
+    common = torch.stack([m["bank_ess"] >= meters[g]["min_ess"] for g, m in t.items()]).all(0)
+    out = {}
+    for g, m in t.items():
+        best = torch.maximum(m["bank_log_z"], m["path_log_z"])
+        flagged = (m["bank_ess"] < meters[g]["min_ess"]) & ~(m["path_ess"] >= meters[g]["min_path_ess"])
+        out[g] = {"meter_common": (m["bank_log_z"] - m["j"])[common].mean().item(), "common_requests": int(common.sum()),
+                  "meter_all": (best - m["j"]).mean().item(), "requests": best.numel(), "flagged": int(flagged.sum())}
+    return out
 
 
 def accuracy(metrics: dict, controls: list[str]) -> float:
@@ -274,6 +309,10 @@ def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar
         if table:
             m = measure(cfg, paths, "ctrl", knobs, env, seed)[0]
             result[gamma] |= point("ctrl", {"gamma": gamma}, m, controls) | {"mean_kl": m["mean_kl"]}
+            result[gamma]["meter"] = measure_meter(cfg, paths, env, seed)
+    if table:
+        for gamma, row in common_meter({g: r.pop("meter") for g, r in result.items()}).items():
+            result[gamma] |= row
     return result
 
 
@@ -316,19 +355,33 @@ def pareto(points: list[dict]) -> list[dict]:
     return sorted(front, key=lambda p: (p["digit_fidelity"], -p["accuracy"]))
 
 
+def envelope(points: list[dict]) -> list[tuple[float, float]]:
+    """The upper concave envelope of the (digit fidelity, accuracy) points, by fidelity ascending: drawing each
+    sample from one setting or another at random reaches every convex combination of their points, so this, not
+    the line between neighbours on the front, is what the method can reach."""
+    top: dict[float, float] = {}
+    for p in points:
+        top[p["digit_fidelity"]] = max(top.get(p["digit_fidelity"], -1.0), p["accuracy"])
+    hull: list[tuple[float, float]] = []
+    for x, y in sorted(top.items()):
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (y - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (x - hull[-2][0])) >= 0:
+            hull.pop()  # the last vertex lies on or below the chord from the one before it to (x, y)
+        hull.append((x, y))
+    return hull
+
+
 def best_at(points: list[dict], fidelity: float) -> float | None:
-    """The best accuracy at digit fidelity >= `fidelity` along the method's front, interpolated linearly between
-    neighbouring front points (a mixture of the two settings reaches every point between them); None where no
-    setting reaches that fidelity."""
-    front = pareto(points)
-    if not front or front[-1]["digit_fidelity"] < fidelity:
+    """The best accuracy at digit fidelity >= `fidelity` over every mixture of the method's settings: the largest
+    value of the concave envelope (`envelope`) right of the level; None where no setting reaches it."""
+    hull = envelope(points)
+    if not hull or hull[-1][0] < fidelity:
         return None
-    above = next(i for i, p in enumerate(front) if p["digit_fidelity"] >= fidelity)
-    if above == 0:
-        return front[0]["accuracy"]
-    lo, hi = front[above - 1], front[above]
-    w = (fidelity - lo["digit_fidelity"]) / (hi["digit_fidelity"] - lo["digit_fidelity"])
-    return lo["accuracy"] + w * (hi["accuracy"] - lo["accuracy"])
+    x_top, y_top = max(hull, key=lambda p: p[1])
+    if x_top >= fidelity:
+        return y_top
+    (x0, y0), (x1, y1) = next((a, b) for a, b in itertools.pairwise(hull) if a[0] <= fidelity <= b[0])
+    return y0 + (fidelity - x0) / (x1 - x0) * (y1 - y0)
 
 
 def training_time(out: Path) -> dict[str, list]:
@@ -406,9 +459,9 @@ def rewrite_report(out: str | Path, docs: str | Path | None = None) -> dict:
 # --- the report ----------------------------------------------------------------------------------------------
 
 def _ms(values: list[float], fmt: str = ".3f") -> str:
-    """mean ± std (population std over seeds; a single seed prints its value)."""
+    """mean ± std over seeds (the sample std, ddof = 1; a single seed prints its value)."""
     a = np.asarray(values, dtype=float)
-    return f"{a.mean():{fmt}}" if len(a) == 1 else f"{a.mean():{fmt}} ± {a.std():{fmt}}"
+    return f"{a.mean():{fmt}}" if len(a) == 1 else f"{a.mean():{fmt}} ± {a.std(ddof=1):{fmt}}"
 
 
 def _setting(knobs: dict) -> str:
@@ -417,13 +470,14 @@ def _setting(knobs: dict) -> str:
 
 def single_table(task: dict) -> list[str]:
     name = task["controls"][0]
-    lines = [("| method | setting | accuracy | macro-F1 | digit fidelity | feature-FID | mean KL to base | "
-             "denoiser fwd / bwd per sample | ms / sample |"), "|---" * 9 + "|"]
+    lines = [("| method | setting | accuracy | monitor accuracy | macro-F1 | digit fidelity | feature-FID | "
+              "mean KL to base | denoiser fwd / bwd per sample | ms / sample |"), "|---" * 10 + "|"]
     for method, knobs in task["best"].items():
         ms = [r[method] for r in task["runs"].values()]
         cost = ms[0]["cost_per_sample"]
         kl = _ms([m["mean_kl"] for m in ms], ".1f") if "mean_kl" in ms[0] else "n/a (not one Gaussian chain)"
         lines.append(f"| {method} | {_setting(knobs)} | {_ms([m[name]['accuracy'] for m in ms])} | "
+                     f"{_monitor(ms)} | "
                      f"{_ms([m[name]['macro_f1'] for m in ms])} | {_ms([m['digit_fidelity'] for m in ms])} | "
                      f"{_ms([m['feature_fid'] for m in ms], '.1f')} | {kl} | "
                      f"{cost.get('forward_denoiser', 0):g} / {cost.get('backward_denoiser', 0):g} | "
@@ -435,15 +489,21 @@ def multi_table(task: dict) -> list[str]:
     first = next(iter(task["runs"].values()))
     corners = list(next(iter(first.values()))["per_corner"])
     head = [f"**{c}** (hard)" if c == HARD_CORNER else c for c in corners]
-    lines = ["| method | setting | " + " | ".join(head) + " | joint accuracy | digit fidelity |",
-             "|---" * (len(corners) + 4) + "|"]
+    lines = ["| method | setting | " + " | ".join(head) + " | joint accuracy | monitor accuracy | digit fidelity |",
+             "|---" * (len(corners) + 5) + "|"]
     for method, knobs in task["best"].items():
         ms = [r[method] for r in task["runs"].values()]
         cells = [_ms([m["per_corner"][c] for m in ms]) for c in corners]
         cells = [f"**{v}**" if c == HARD_CORNER else v for c, v in zip(corners, cells)]
         lines.append(f"| {method} | {_setting(knobs)} | " + " | ".join(cells) +
-                     f" | {_ms([m['joint_accuracy'] for m in ms])} | {_ms([m['digit_fidelity'] for m in ms])} |")
+                     f" | {_ms([m['joint_accuracy'] for m in ms])} | {_monitor(ms)} | "
+                     f"{_ms([m['digit_fidelity'] for m in ms])} |")
     return lines
+
+
+def _monitor(ms: list[dict]) -> str:
+    """The independent monitors' (joint) accuracy over seeds: the judge no method was optimised against."""
+    return _ms([m["monitor_accuracy"] for m in ms]) if all("monitor_accuracy" in m for m in ms) else "—"
 
 
 def _save(fig, path: Path) -> Path:
@@ -604,8 +664,8 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
          f"{TUNE_SEED}, {size.tune_per_class} samples per class), CTRL over γ {size.gammas} (every control at γ), "
          "and the target p_γ over the same γ from the bank (seed 0's classifiers). Best "
          "accuracy at a fidelity level: along the method's own front (its points no other of its points beats in "
-         "both), linear between neighbours (a mixture of the two settings); \"not reached\" where no setting "
-         "gets there. The figures and the verdicts against CTRL: seed 0's models. The tables: mean ± std over "
+         "both), on the upper concave envelope of its points (a random mixture of two settings reaches every point "
+         "between them); \"not reached\" where no setting gets there. The figures and the verdicts against CTRL: seed 0's models. The tables: mean ± std (sample std, ddof = 1) over "
          f"each seed's own front (seeds {size.seeds} on compress4, {size.multi_seeds} on the 2×2 task; the target "
          "from seed 0's classifiers); the cost columns span the method's settings.\n"),
         *[x for task in TASKS for x in (f"### {task}\n", f"![{task} front]({rel[f'front-{task}']})\n",
@@ -632,11 +692,16 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
          + (f"Each γ besides 10 starts from the γ = 10 model and fine-tunes {size.gamma_steps} steps (section "
             "gamma-warm below measures this against fine-tunes from scratch); "
             if size.gamma_steps is not None else "Each γ is fine-tuned from scratch; ")
-         + "log Z − J is the meter at the end of the fine-tune (nats to the objective's optimum; mean over its last "
-         "tenth of steps, on the trusted requests).\n"),
-        "| task | γ | accuracy | digit fidelity | feature-FID | mean KL | log Z − J |", "|---" * 7 + "|",
+         + "log Z − J (nats to the objective's optimum) from each γ's meter paths after its fine-tune: over the "
+         "requests the bank trusts at every γ (the same requests for every γ; how many in brackets), and over all "
+         "requests with log Z the larger of the bank's and the paths' estimate (flagged: both ESS small, the gap "
+         "there a lower bound); beside them the training meter at the end of the fine-tune (its last tenth of "
+         "steps, on each γ's own trusted requests).\n"),
+        ("| task | γ | accuracy | digit fidelity | feature-FID | mean KL | log Z − J, common requests | "
+         "log Z − J, all requests (flagged) | training meter |"), "|---" * 9 + "|",
         *[f"| {task} | {g:g} | {v['accuracy']:.3f} | {v['digit_fidelity']:.3f} | {v['feature_fid']:.1f} | "
-          f"{v['mean_kl']:.1f} | {v['final_gap']:.1f} |" for task, sweep in results["gamma"].items()
+          f"{v['mean_kl']:.1f} | {v['meter_common']:.2f} ({v['common_requests']}) | {v['meter_all']:.2f} "
+          f"({v['flagged']}) | {v['final_gap']:.1f} |" for task, sweep in results["gamma"].items()
           for g, v in sweep.items()], "",
         "## Sample grids (rows = requested y, columns = digit c; seed 0)\n",
         "| method | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|",

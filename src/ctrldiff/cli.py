@@ -287,8 +287,8 @@ def _method(args, cfg):
     check_knobs(args.method, knobs)  # fail before loading anything
     load_definitions(args.classifiers)
     if args.ckpt is not None:
-        if args.method not in ("ctrl", "cfg"):
-            raise CtrlDiffError(f"--ckpt is for --method ctrl or cfg, not {args.method!r}")
+        if args.method not in ("ctrl", "cfg", "ctrl_smc"):
+            raise CtrlDiffError(f"--ckpt is for --method ctrl, ctrl_smc or cfg, not {args.method!r}")
         meta = read_meta(args.ckpt)
         if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
             raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
@@ -304,12 +304,12 @@ def _method(args, cfg):
 def cmd_sample(args) -> None:
     import torch
 
+    from .conditions import balanced_conditions
     from .contracts import Cond
     from .evaluate import generate
     from .io import save_weights
     from .pipeline import controls_of, grid_of
     from .plots import save_grid
-    from .rl.finetune import balanced_conditions
     from .runs import Run
     from .tasks.controls import get_control
 
@@ -378,7 +378,7 @@ def cmd_evaluate(args) -> None:
         method, backend = _method(args, cfg)
         methods = [method]
     terms = None  # the reward classifiers: the target's row, J and log Z - J beside the methods
-    if args.classifiers is not None and args.method in ("target", "ctrl", "cfg"):
+    if args.classifiers is not None and args.method in ("target", "ctrl", "cfg", "ctrl_smc"):
         if cfg.sd.model is not None:
             raise CtrlDiffError("the target's bank of base samples is not built for Stable Diffusion here; "
                                 "evaluate --model without --classifiers")
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _control(p)
     p.set_defaults(fn=cmd_finetune)
 
-    methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n (evaluate: also target)"
+    methods = "base, ctrl, cfg, dps, classifier, mpgd, smc, svdd, best_of_n, ctrl_smc (evaluate: also target)"
     for name, fn, text in [("sample", cmd_sample, "sample with a method (grid rows = y, columns = c)"),
                            ("evaluate", cmd_evaluate, "evaluate a method and the base against the oracles")]:
         p = sub.add_parser(name, help=text)
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", default="ctrl", help=f"one of {methods} (default ctrl)")
         p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE",
                        help="a knob of the method, repeatable (e.g. --knob w=2); see docs/baselines.md")
-        p.add_argument("--ckpt", type=Path, help="checkpoint of `ctrldiff finetune` (methods ctrl, cfg)")
+        p.add_argument("--ckpt", type=Path, help="checkpoint of `ctrldiff finetune` (methods ctrl, cfg, ctrl_smc)")
         p.add_argument("--classifiers", type=Path, help="`ctrldiff classifier` run folder (guidance methods; with "
                        "evaluate --method ctrl/cfg/target: the target p_gamma of these classifiers beside the base)")
         p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped)")

@@ -54,6 +54,8 @@ class ClassifierConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")  # rl.lr_schedule (rl.finetune.lr_factor)
+CHOICES = {"final_step": ("model", "base"), "lr_schedule": LR_SCHEDULES, "kl": ("sum", "mean"),
+           "adapter": ("lora", "full"), "estimator": ("backprop", "adjoint")}  # string keys of `rl` and their values
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -77,6 +79,11 @@ class RLConfig:
     final_step: str = "base"  # who takes the last, deterministic step, which the path KL cannot see: the frozen
     # "base" (closes the KL-free lever the 2-D study found; measured nearer the target on images at gamma 10) or
     # the fine-tuned "model" (docs/tuning.md, section final step)
+    adapter: str = "lora"  # what trains besides the control embeddings: "lora" (rank lora_rank) or "full" (every
+    # weight of a copy of the network, at rate lr_lora)
+    estimator: str = "backprop"  # "backprop": the paper's back-propagation through the chain (Algorithm 2);
+    # "adjoint": Adjoint Matching, a regression onto the lean adjoint (rl/adjoint.py; needs final_step "base")
+    adjoint_steps: int | None = None  # "adjoint": the stochastic steps regressed per rollout, drawn at random; null = all
 
 
 @dataclass
@@ -110,6 +117,9 @@ class TargetConfig:
     min_ess: float = 30.0  # cells (c, y) with a smaller effective sample size are flagged as not trustworthy
     bank: str | None = None  # a bank file; null = the cache (CTRLDIFF_CACHE/banks, keyed by base + sampler)
     meter: bool = True  # log log Z - J (nats to the optimum) during fine-tuning; needs the bank
+    paths: int = 32  # evaluation: meter paths per request (c, y) for J, the path weights and log Z - J; 0 = none
+    min_path_ess: float = 8.0  # a request whose path weights' ESS is below this (and the bank's below min_ess) is
+    # flagged: its log Z, and so its gap, is a lower bound
 
 
 @dataclass
@@ -272,16 +282,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 value = float(value)
             if key == "device" and value not in DEVICES:
                 raise CtrlDiffError(f"{key}={raw!r}; choose from {DEVICES}")
-            if last == "final_step" and value not in ("model", "base"):
-                raise CtrlDiffError(f"{key}={raw!r}; choose \"model\" or \"base\"")
-            if last == "lr_schedule" and value not in LR_SCHEDULES:
-                raise CtrlDiffError(f"{key}={raw!r}; choose from {LR_SCHEDULES}")
-            if last == "kl" and value not in ("sum", "mean"):
-                raise CtrlDiffError(f"{key}={raw!r}; choose \"sum\" or \"mean\"")
+            if last in CHOICES and value not in CHOICES[last]:
+                raise CtrlDiffError(f"{key}={raw!r}; choose from {list(CHOICES[last])}")
             if last == "truncate":
                 if not (value is None or value == "random" or (type(value) is int and value >= 1)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null, an int K >= 1 or \"random\"")
-            elif last in ("n", "pairs"):
+            elif last in ("n", "pairs", "adjoint_steps"):
                 if not (value is None or (type(value) is int and value >= 1)):
                     raise CtrlDiffError(f"{key}={raw!r}; choose null (all) or an int n >= 1")
             elif old is not None and (not isinstance(value, type(old)) or isinstance(value, bool) != isinstance(old, bool)):
@@ -317,6 +323,7 @@ LIMITS = {
     "triplets.p_uncond": (0, 1), "triplets.checkpoint_every": (1, None),
     "eval.per_class": (1, None), "eval.batch": (1, None),
     "target.per_c": (1, None), "target.seed": (0, 2**31 - 1), "target.min_ess": (1, None),
+    "target.paths": (0, None), "target.min_path_ess": (1, None),
 }
 
 

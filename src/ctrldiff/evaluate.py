@@ -1,5 +1,7 @@
 """Evaluation against oracles: the requested y vs the oracle label of the generated image, digit fidelity,
-feature-FID, mean path KL to the base and cost. Never uses the classifier that was optimised."""
+feature-FID, mean path KL to the base and cost; the reward classifiers' own verdict and the independent
+monitor's; and the meter's paths (`path_meter`): per request, the objective J and the path weights of the target.
+The oracle and the monitor were never optimised against."""
 
 from __future__ import annotations
 
@@ -8,31 +10,18 @@ import math
 
 import numpy as np
 import torch
-from scipy import linalg
 from sklearn.metrics import confusion_matrix, f1_score
 from tqdm import tqdm
 
 from .classifier import Classifier
+from .conditions import balanced_conditions, request_index
 from .config import Config
 from .contracts import Cond, Denoiser
 from .methods import Cost, Method
-from .rl.finetune import balanced_conditions
+from .metrics import features, frechet_distance
 from .sampling import reference_means
+from .target import PathStats, path_stats
 from .tasks.controls import Control
-
-
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) between Gaussian fits of two feature sets (FID's formula)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
-
-
-@torch.no_grad()
-def features(oracle: Classifier, images: torch.Tensor, batch: int = 1024) -> np.ndarray:
-    """Penultimate features of the digit oracle (images in [0, 1]) — the feature space of feature-FID."""
-    return torch.cat([oracle.net.features(images[i:i + batch] * 2 - 1) for i in range(0, len(images), batch)]).numpy()
 
 
 @torch.no_grad()
@@ -55,11 +44,13 @@ def generate(method: Method, backend, cond: Cond, cfg: Config, seed: int = 0, re
 
 def evaluate(method: Method, backend, controls: list[Control], cfg: Config, oracle: Classifier | None,
              real_features: np.ndarray | None, reference: Denoiser | None = None, seed: int = 0,
-             progress: bool = True, terms=None, log_z: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, Cond]:
+             progress: bool = True, terms=None) -> tuple[dict, torch.Tensor, Cond]:
     """Metrics of one method on `per_class` samples per joint class of y, c cycling over the digits (prompts).
     oracle: the digit classifier behind digit fidelity and feature-FID; None (SD) reports them as NaN.
-    terms: the reward terms (classifier, gamma): adds CTRL's objective J = E[sum_k gamma_k log p̂_k - path KL] on
-    these samples; log_z: log Z(c, y) (`target.log_z_table`), adds log Z and the gap log Z - J in nats."""
+    terms: the reward terms: adds the mean reward sum_k gamma_k log p̂_k, and the accuracy as the reward classifiers
+    judge it (`classifier_accuracy`) and as their independent monitors do (`monitor_accuracy`, never optimised
+    against): a method whose reward-classifier accuracy exceeds its monitor accuracy by more than the target's
+    margin has found where the reward classifier is wrong (reward hacking)."""
     ks = {c.name: c.num_classes for c in controls}
     n = cfg.eval.per_class * int(np.prod(list(ks.values())))
     cond = balanced_conditions(n, backend.num_c, ks)
@@ -91,22 +82,45 @@ def evaluate(method: Method, backend, controls: list[Control], cfg: Config, orac
     if kl is not None:
         out["mean_kl"] = kl.mean().item()
     if terms:  # images in [0, 1] -> [-1, 1]: what `classifier_input` gives the classifiers on image backends
-        reward = sum(t.gamma * t.classifier.log_prob(images * 2 - 1, cond.y[t.control.name]) for t in terms)
-        out["reward"] = reward.mean().item()
-        # the reward classifiers' own verdict: above the oracle's where the fine-tune found where they are wrong
-        verdicts["classifier_accuracy"] = torch.stack([t.classifier(images * 2 - 1).argmax(-1) == cond.y[t.control.name]
-                                                       for t in terms]).all(0)
-        out["classifier_accuracy"] = verdicts["classifier_accuracy"].float().mean().item()
-        if kl is not None:
-            out["objective"] = out["reward"] - out["mean_kl"]
-            if log_z is not None:  # over the requests whose log Z is trusted (finite)
-                from .target import lookup, meter
-
-                rows = lookup(log_z, cond, [t.control.name for t in terms])
-                out["log_z"] = rows[torch.isfinite(rows)].mean().item()
-                out["gap"] = meter(rows, reward - kl)
+        x = images * 2 - 1
+        out["reward"] = sum(t.gamma * t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms).mean().item()
+        judges = {"classifier_accuracy": [t.classifier for t in terms]}
+        if all(t.monitor is not None for t in terms):
+            judges["monitor_accuracy"] = [t.monitor for t in terms]
+        for key, clfs in judges.items():  # joint: every control's classifier agrees with the request
+            verdicts[key] = torch.stack([clf.predict(x) == cond.y[t.control.name] for clf, t in zip(clfs, terms)]).all(0)
+            out[key] = verdicts[key].float().mean().item()
     out["per_cell"] = per_cell(cond, ks, verdicts)
     return out, images, cond
+
+
+@torch.no_grad()
+def path_meter(method: Method, backend, terms, cfg: Config, per_request: int, seed: int = 0,
+               progress: bool = True) -> PathStats | None:
+    """The meter's paths: `per_request` rollouts of the method for every request (c, y), each with its objective
+    J = reward - path KL and its path weight w = exp(reward) dP_pre/dP_theta (`Trajectory.log_ratio`), summarised
+    per request (`target.path_stats`). None where the path ratio to the base does not exist: a method that is not
+    one Gaussian chain (SMC, SVDD, best-of-N) or whose last, deterministic step is not the base's (guidance
+    applied there; a fine-tune with rl.final_step="model")."""
+    ks = {t.control.name: t.control.num_classes for t in terms}
+    shape = (backend.num_c, *ks.values())
+    cond = balanced_conditions(per_request * int(np.prod(shape)), backend.num_c, ks)
+    g, bs = torch.Generator().manual_seed(seed), max(1, cfg.eval.batch // method.width)
+    reward, kl, log_ratio = [], [], []
+    for i in tqdm(range(0, len(cond), bs), desc=f"meter paths {method.name}", disable=not progress,
+                  dynamic_ncols=True):
+        sub = cond.index(torch.arange(i, min(i + bs, len(cond))))
+        x0, traj = method(sub, g)
+        if traj is None:
+            return None
+        traj.ref_means = reference_means(traj, backend.denoiser, backend.schedule, sub)
+        if not traj.shares_deterministic_steps():
+            return None
+        x = backend.classifier_input(x0)
+        reward.append(sum(t.gamma * t.classifier.log_prob(x, sub.y[t.control.name]) for t in terms))
+        kl.append(traj.path_kl())
+        log_ratio.append(traj.log_ratio())
+    return path_stats(request_index(cond, ks), shape, torch.cat(reward), torch.cat(kl), torch.cat(log_ratio))
 
 
 def per_cell(cond: Cond, ks: dict[str, int], verdicts: dict[str, torch.Tensor | None]) -> list[dict]:

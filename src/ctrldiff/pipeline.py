@@ -19,16 +19,26 @@ from .classifier import (
 )
 from .config import Config
 from .control import ControlledDenoiser
-from .evaluate import evaluate, features
+from .evaluate import evaluate, path_meter
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
+from .metrics import features
 from .pairs import defined
 from .plots import grid_image, plot_cells, plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
-from .target import bank_log_probs, load_bank, log_z_table, on_trusted, target_metrics
+from .target import (
+    LogZ,
+    bank_log_probs,
+    bank_log_z,
+    bank_reward_table,
+    load_bank,
+    on_trusted,
+    target_metrics,
+    yardstick,
+)
 from .tasks.controls import Control, controls_of
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
 
@@ -78,12 +88,14 @@ def pairs_for(control: Control, split: str, cfg: Config) -> tuple[torch.Tensor, 
 
 def base_pairs(control: Control, cfg: Config, backend, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`classifier.base_pairs` samples of the base model labelled by the control's oracle: more pairs, drawn where
-    CTRL samples (the base's support), from their own cached bank (seed `target.seed + 1`: never the yardstick's)."""
+    CTRL samples (the base's support), from their own cached bank. Its seed, target.seed + 1 + seed, follows the
+    pipeline's seed (a whole-pipeline seed then varies the classifier's data too) and is never the yardstick's."""
     if control.labeller is None:
         raise CtrlDiffError(f"classifier.base_pairs={cfg.classifier.base_pairs}: control {control.name!r} has no "
                             "oracle to label base samples; set classifier.base_pairs=0")
     per_c = math.ceil(cfg.classifier.base_pairs / backend.num_c)
-    bank = load_bank(backend, per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed + 1, progress=progress)
+    bank = load_bank(backend, per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed + 1 + cfg.seed,
+                     progress=progress)
     images = backend.decode(bank.transpose(0, 1).flatten(0, 1)[: cfg.classifier.base_pairs])  # c cycling
     return images * 2 - 1, control.label(images)
 
@@ -165,12 +177,12 @@ def target_bank(cfg: Config, backend, progress: bool = True) -> torch.Tensor:
 
 
 def log_z_of(cfg: Config, terms: list[RewardTerm], backend, progress: bool = True,
-             bank: torch.Tensor | None = None) -> torch.Tensor:
-    """log Z(c, y) of the reward terms on the bank: the optimum of CTRL's objective per request (NaN where the
-    bank's effective sample size is below target.min_ess: the meter leaves those requests out)."""
+             bank: torch.Tensor | None = None) -> LogZ:
+    """log Z(c, y) of the reward terms on the bank, with its ESS: the optimum of CTRL's objective per request
+    (trusted where the ESS >= target.min_ess)."""
     bank = target_bank(cfg, backend, progress) if bank is None else bank
-    return log_z_table(bank_log_probs(backend, bank, {t.control.name: t.classifier for t in terms}),
-                       {t.control.name: t.gamma for t in terms}, cfg.target.min_ess)
+    return bank_log_z(bank_log_probs(backend, bank, {t.control.name: t.classifier for t in terms}),
+                      {t.control.name: t.gamma for t in terms}, cfg.target.min_ess)
 
 
 def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progress: bool = True, init=None):
@@ -182,13 +194,14 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
                               log_images=monitor_grid(run))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "gammas": cfg.rl.controls, "summary": summary["seconds"],
+                                              "estimator": cfg.rl.estimator,
                                               "defined_controls": defined(model.controls)})
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
               "reward (sum of gamma log p)": ["reward"], "path KL to the base (nats)": ["kl"]}
-    if "gap" in keys:
-        panels["log Z - J (nats to the optimum)"] = ["gap"]
+    if "gap" in keys:  # trusted requests (bank), and every request (bank or the running path weights)
+        panels["log Z - J (nats to the optimum)"] = [k for k in ("gap", "gap_all") if k in keys]
     plot_curves(records, panels, run.path("curves.png"), f"CTRL fine-tuning ({cfg.name})")
     return model, summary
 
@@ -236,15 +249,15 @@ def load_model(path: Path, backend, method: str) -> ControlledDenoiser:
 
 def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt: Path | None = None,
                classifiers: Path | None = None) -> Method:
-    """Build a method with what it needs loaded from disk: a checkpoint (ctrl, cfg) or a `ctrldiff classifier`
-    folder (reward classifiers; noise-aware ones for `classifier`)."""
+    """Build a method with what it needs loaded from disk: a checkpoint (ctrl, cfg, ctrl_smc) and/or a `ctrldiff
+    classifier` folder (reward classifiers; noise-aware ones for `classifier`)."""
     kw: dict = {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta}
-    if name in ("ctrl", "cfg"):
+    if name in ("ctrl", "cfg", "ctrl_smc"):
         if ckpt is None:
             raise CtrlDiffError(f"method {name!r} needs --ckpt (a checkpoint written by `ctrldiff finetune`)")
-        kw["model"] = load_model(ckpt, backend, name)
+        kw["model"] = load_model(ckpt, backend, "cfg" if name == "cfg" else "ctrl")
         knobs = {"w": cfg.eval.guidance, **(knobs or {})} if name == "ctrl" else knobs
-    elif name != "base":
+    if name not in ("base", "ctrl", "cfg"):
         if classifiers is None:
             raise CtrlDiffError(f"method {name!r} needs --classifiers (a `ctrldiff classifier` run folder)")
         cls, prefix, key = ((NoisyClassifier, "noisy", "noisy") if name == "classifier"
@@ -261,35 +274,43 @@ def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt:
 def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress: bool = True,
                  terms: list[RewardTerm] | None = None) -> dict:
     """Evaluate methods against the oracles, the base always beside them; writes metrics.json/.md and grids.
-    terms: the reward classifiers and gammas: adds the target p_gamma's row (importance sampling over the bank),
-    each method's objective J and log Z - J, and a heat map of target vs method accuracy per (c, y)."""
+    terms: the reward classifiers and gammas: adds the target p_gamma's row (importance sampling over the bank), the
+    reward classifiers' and monitors' verdicts, a heat map of target vs method accuracy per (c, y), and the
+    yardstick: each method's J, log Z, KL and log Z - J over the same requests, from `target.paths` meter paths per
+    request (methods whose path ratio to the base exists: base, ctrl, cfg)."""
     controls = controls_of(cfg)
     digits = isinstance(backend, PixelBackend)  # the digit oracle is the embedded model's (SD: no CLIP score yet)
     oracle = digit_oracle(cfg.data.resolution) if digits else None
     real = real_features(cfg, oracle) if digits else None
     if all(m.name != "base" for m in methods):
         methods = [build_method("base", backend, steps=cfg.sampler.steps, eta=cfg.sampler.eta), *methods]
-    results, log_z, target = {}, None, None
+    results, target, paths = {}, None, {}
     if terms:  # the target from the bank, with the same classifiers and gammas as the reward
         bank = target_bank(cfg, backend, progress)
-        log_z = log_z_of(cfg, terms, backend, progress, bank)
         target = target_metrics(backend, bank, terms, controls, cfg.eval.per_class, oracle, real, cfg.seed,
                                 cfg.target.min_ess)
     for method in methods:
         metrics, images, cond = evaluate(method, backend, controls, cfg, oracle, real, reference=backend.denoiser,
-                                         seed=cfg.seed, progress=progress, terms=terms, log_z=log_z)
+                                         seed=cfg.seed, progress=progress, terms=terms)
         results[method.name] = metrics
+        if terms and cfg.target.paths:
+            stats = path_meter(method, backend, terms, cfg, cfg.target.paths, cfg.seed, progress)
+            if stats is not None:
+                paths[method.name] = stats
         save_grid(*grid_of(images, cond, controls, backend.num_c), run.path(f"samples-{method.name}.png"))
         if method.name == "base" and target is not None:  # the target's row right after the base's
             results["target"] = target[0]
             save_grid(*grid_of(*target[1:], controls, backend.num_c), run.path("samples-target.png"))
-    for name, m in results.items():
-        if "target" in results:  # every method beside the target on the requests the target is trusted on
-            m["trusted"] = on_trusted(m.get("per_cell", m.get("cells")), results["target"]["cells"],
-                                      cfg.target.min_ess)
-        if "target" in results and name not in ("base", "target"):
-            plot_cells(results["target"]["cells"], m["per_cell"], name, run.path(f"target-vs-{name}.png"),
-                       cfg.target.min_ess)
+    if target is not None:
+        bank_z = log_z_of(cfg, terms, backend, progress, bank)
+        yard = yardstick(bank_z, bank_reward_table(target[0], bank_z.table.shape), paths, cfg.target.min_path_ess)
+        results["target"]["log_z_source"] = yard.pop("log_z_source")
+        for name, m in results.items():
+            m["yardstick"] = yard.get(name)  # None: no path ratio to the base (not one chain, or its own last step)
+            m["trusted"] = on_trusted(m.get("per_cell", m.get("cells")), target[0]["cells"], cfg.target.min_ess)
+            if name not in ("base", "target"):
+                plot_cells(target[0]["cells"], m["per_cell"], name, run.path(f"target-vs-{name}.png"),
+                           cfg.target.min_ess)
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results
@@ -310,43 +331,83 @@ def grid_of(images: torch.Tensor, cond, controls: list[Control], num_c: int = NU
     return torch.stack(picks), rows, cols
 
 
-def _num(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+def _num(v: float | None) -> str:
+    return "—" if v is None or math.isnan(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _row(method: str, vals: list) -> str:
+    return f"| {method} | " + " | ".join(v if isinstance(v, str) else _num(v) for v in vals) + " |"
 
 
 def results_table(results: dict, controls: list[Control]) -> str:
-    """A markdown table: one row per method."""
+    """Markdown tables, one row per method: quality and cost; with the target, the yardstick (J, log Z, KL and
+    log Z - J over the same requests) and the like-for-like columns on the requests the target is trusted on."""
+    nan = float("nan")
+    judged = [k for k in ("monitor_accuracy", "classifier_accuracy") if any(k in m for m in results.values())]
     cols = [f"{c.name} acc" for c in controls] + [f"{c.name} F1" for c in controls]
-    objective = any("objective" in m for m in results.values())
-    cols += (["joint acc"] if len(controls) > 1 else []) + ["digit fidelity", "feature-FID", "mean KL"]
-    cols += ["J", "log Z - J"] if objective else []
-    trusted = "target" in results
-    cols += ["acc, trusted cells", "reward-classifier acc, trusted cells", "fidelity, trusted cells"] if trusted else []
-    cols += ["net fwd/sample", "net bwd/sample", "s/sample"]
+    cols += (["joint acc"] if len(controls) > 1 else []) + [JUDGES[k] for k in judged]
+    cols += ["digit fidelity", "feature-FID", "net fwd/sample", "net bwd/sample", "s/sample"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, m in results.items():
+        cost = m["cost_per_sample"]
         vals = [m[c.name]["accuracy"] for c in controls] + [m[c.name]["macro_f1"] for c in controls]
-        vals += ([m["joint_accuracy"]] if len(controls) > 1 else [])
-        cost, nan = m["cost_per_sample"], float("nan")
-        vals += [m["digit_fidelity"], m["feature_fid"], m.get("mean_kl", nan)]
-        vals += [m.get("objective", nan), m.get("gap", 0.0 if method == "target" else nan)] if objective else []
-        vals += [m["trusted"][k] for k in ("accuracy", "classifier_accuracy", "digit_fidelity")] if trusted else []
-        vals += [cost.get("forward_denoiser", nan), cost.get("backward_denoiser", nan), m["seconds_per_sample"]]
-        lines.append(f"| {method} | " + " | ".join(_num(v) for v in vals) + " |")
-    if "target" in results:
-        t = results["target"]
-        lines += ["", (f"target: p_gamma by importance sampling over {t['samples']} base samples; "
-                       f"{t['untrusted_cells']} of {len(t['cells'])} requests (c, y) have an effective sample size "
-                       f"below the trusted minimum (lowest {t['min_ess']:.1f}); its mean KL is KL(p_gamma || p_pre) on "
-                       "x_0 and its J is log Z, the objective's optimum. log Z - J and the trusted-cell columns are "
-                       f"over the other {t['trusted']['cells']} requests only (joint accuracy for several controls): "
-                       "there the target's numbers are sound, so they are the like-for-like comparison. Reward-"
-                       "classifier acc: how often the reward classifiers themselves judge a sample to be of its "
-                       "requested class; above the oracle's accuracy by more than the target's margin, a method "
-                       "has found where the classifier is wrong")]
+        vals += ([m["joint_accuracy"]] if len(controls) > 1 else []) + [m.get(k, nan) for k in judged]
+        vals += [m["digit_fidelity"], m["feature_fid"], cost.get("forward_denoiser", nan),
+                 cost.get("backward_denoiser", nan), m["seconds_per_sample"]]
+        lines.append(_row(method, vals))
+    if "target" not in results:
+        return "\n".join(lines) + "\n"
+    t = results["target"]
+    lines += ["", (f"target: p_gamma by importance sampling over {t['samples']} base samples (feature-FID from their "
+                   "weighted moments); monitor acc: the independent monitor classifiers' verdict, never optimised "
+                   "against; reward-classifier acc: the reward classifiers' own. A method whose reward-classifier "
+                   "acc exceeds its monitor acc by more than the target's margin has found where the reward "
+                   "classifier is wrong (reward hacking)."), ""]
+    lines += yardstick_table(results)
+    lines += ["", ("| method | acc, trusted cells | monitor acc, trusted cells | reward-classifier acc, trusted cells | "
+              "fidelity, trusted cells |"), "|---" * 5 + "|"]
+    for method, m in results.items():
+        tr = m["trusted"]
+        lines.append(_row(method, [tr[k] for k in ("accuracy", "monitor_accuracy", "classifier_accuracy",
+                                                   "digit_fidelity")]))
     if len(controls) > 1:
         lines += ["", "Per-corner joint accuracy:", "", "| method | " + " | ".join(results["base"]["per_corner"]) + " |",
                   "|---" * (len(results["base"]["per_corner"]) + 1) + "|"]
         for method, m in results.items():
             lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in m["per_corner"].values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+JUDGES = {"monitor_accuracy": "monitor acc", "classifier_accuracy": "reward-classifier acc"}
+
+
+def yardstick_table(results: dict) -> list[str]:
+    """J, log Z, KL and log Z - J (± Monte-Carlo error) of every method over the same requests: those the bank
+    trusts, and all of them (log Z the larger of the bank's and the path weights' estimate); "—" where undefined."""
+    t = results["target"]
+    head = ["trusted: requests", "J", "log Z", "KL", "log Z − J", "log Z − J (path weights)",
+            "all: requests (flagged)", "J", "log Z", "KL", "log Z − J"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for method, m in results.items():
+        y = m.get("yardstick")
+        if y is None:
+            lines.append(_row(method, ["—"] * len(head)))
+            continue
+        tr, al = y["trusted"], y["all"]
+        gap = (lambda v, se: "—" if math.isnan(v) else f"{v:.2f} ± {se:.2f}")
+        lines.append(_row(method, [
+            str(tr["requests"]), tr["J"], tr["log_z"], tr["kl"], gap(tr["gap"], tr["gap_se"]),
+            gap(tr.get("gap_paths", math.nan), tr.get("gap_paths_se", math.nan)), f"{al['requests']} ({al['flagged']})",
+            al["J"], al["log_z"], al["kl"], gap(al["gap"], al["gap_se"])]))
+    src = ", ".join(f"{k} {v}" for k, v in t["log_z_source"].items())
+    lines += ["", ("The yardstick: J = E[reward - path KL] of each method's meter paths (the same paths give the "
+                   "path weights), log Z per request, "
+                   "log Z − J = KL(P_θ ‖ P*) ≥ 0 in nats (± Monte-Carlo error). Trusted: the requests whose bank "
+                   f"ESS ≥ the minimum (the target's {t['untrusted_cells']} others rest on a handful of base samples); "
+                   "log Z from the bank, and beside it from the method's own path weights (the two estimates must "
+                   "agree). All: log Z per request the larger of the bank's and every method's path-weight "
+                   f"estimate (both are low in expectation; taken from: {src}); flagged: requests where every "
+                   "estimate's ESS is small, so there the gap is a lower bound. The target's J is log Z itself (its "
+                   "gap is 0 by definition) and its KL is E_p*[reward] − log Z. \"—\": undefined (no path ratio "
+                   "to the base: not one Gaussian chain, or a last step that is not the base's).")]
+    return lines

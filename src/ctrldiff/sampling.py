@@ -45,6 +45,30 @@ class Trajectory:
             raise ValueError("the path KL needs stochastic steps (eta > 0); eta = 0 is deterministic DDIM")
         return torch.stack(terms).sum(0)
 
+    def shares_deterministic_steps(self) -> bool:
+        """Whether every deterministic step (std = 0) is the reference's own map, so that the path density ratio
+        dP_pre / dP_theta exists: true when the frozen base takes the last step (`final=`, rl.final_step="base")."""
+        if self.ref_means is None:
+            raise ValueError("this trajectory was sampled without a reference denoiser; pass reference=")
+        return all(torch.allclose(m, r, rtol=1e-5, atol=1e-6)
+                   for m, r, s in zip(self.means, self.ref_means, self.stds) if not (s > 0).all())
+
+    def log_ratio(self) -> Tensor:
+        """log dP_pre/dP_theta along this path, per sample: over the stochastic steps,
+        log N(x'; mu_pre, s^2) - log N(x'; mu_theta, s^2) = -(||u||^2 / 2 + u.z), u = (mu_theta - mu_pre) / s and
+        z = (x' - mu_theta) / s the step's noise. Its mean under P_theta is -path_kl(); with the reward it gives
+        the path-space importance weight of the target P* (`target.path_meter`). Undefined (ValueError) where a
+        deterministic step is not the reference's (rl.final_step="model": the two chains' last maps differ)."""
+        if not self.shares_deterministic_steps():
+            raise ValueError("the path ratio to the base is undefined: a deterministic step (the last) is not the "
+                             "base's own (final_step='model')")
+        out = torch.zeros(self.xs[0].shape[0], dtype=self.xs[0].dtype)
+        for i, (m, r, s) in enumerate(zip(self.means, self.ref_means, self.stds)):
+            if (s > 0).all():
+                u, z = (m - r) / s, (self.xs[i + 1] - m) / s
+                out = out - (0.5 * u**2 + u * z).flatten(1).sum(1)
+        return out
+
 
 def step_times(schedule: Schedule, steps: int) -> list[tuple[Tensor, Tensor]]:
     """(t, t_prev) for each step of the chain; t_prev = -1 is the clean end (abar = 1)."""

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from .classifier import fit_classifier
+from .conditions import balanced_conditions
 from .config import Config
 from .contracts import Cond
 from .io import CtrlDiffError, load_weights, read_meta, save_weights, write_json
 from .pairs import defined
 from .rl import RewardTerm, finetune
-from .rl.finetune import balanced_conditions
 from .rl.scale import make_accelerator
 
 

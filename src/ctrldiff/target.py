@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .conditions import balanced_conditions, request_index, requests
 from .contracts import Cond
 from .io import CtrlDiffError, load_weights, save_weights
+from .metrics import features, frechet_distance
 from .sampling import sample
 
 MIN_ESS = 30.0  # cells whose effective sample size is below this are flagged as not trustworthy
@@ -106,54 +108,171 @@ def bank_log_probs(backend, bank: Tensor, classifiers: dict, batch: int = 2048) 
     return out
 
 
-def cells(num_c: int, ks: dict[str, int]) -> list[tuple[int, tuple[int, ...]]]:
-    """Every request (c, joint y), y in the order of `ks`."""
-    return [(c, ys) for c in range(num_c) for ys in itertools.product(*[range(k) for k in ks.values()])]
-
-
 def log_weights(log_probs: dict[str, Tensor], gammas: dict[str, float], c: int, ys: tuple[int, ...]) -> Tensor:
     """sum_k gamma_k log p̂_k(y_k | x) over the bank samples of condition c: log of the importance weights."""
     return sum(gammas[name] * log_probs[name][c, :, y] for name, y in zip(gammas, ys))
 
 
-def log_z_table(log_probs: dict[str, Tensor], gammas: dict[str, float], min_ess: float = 0.0) -> Tensor:
-    """log Z(c, y) = log mean_bank prod_k p̂_k(y_k | x)^gamma_k, shape (num_c, K_1, ..., K_m): the optimum of
-    CTRL's objective for the request (c, y). Cells whose effective sample size is below `min_ess` are NaN: there
-    a few base samples carry all the weight and the log of their mean is biased low (Jensen), so a meter that
-    counted them would read a gap smaller than the true one (measured: docs/tuning.md, section ctrl-tuning)."""
+@dataclass
+class LogZ:
+    """log Z(c, y) = log E_pre[prod_k p̂_k(y_k | x)^gamma_k] per request (num_c, K_1, ..., K_m) from the bank: the
+    optimum of CTRL's objective for that request, with the effective sample size of its estimate. A request whose
+    ESS is below `min_ess` is not trusted: a few samples carry all the weight there, and the log of their mean is
+    biased low (Jensen), so a meter that counted it would read a gap smaller than the true one (docs/tuning.md)."""
+
+    table: Tensor
+    ess: Tensor
+    min_ess: float = MIN_ESS
+    samples: int = 0  # bank samples per c
+
+    @property
+    def trusted(self) -> Tensor:
+        return self.ess >= self.min_ess
+
+
+def bank_log_z(log_probs: dict[str, Tensor], gammas: dict[str, float], min_ess: float = MIN_ESS) -> LogZ:
+    """log Z and its ESS for every request, from the bank's log-probabilities (`bank_log_probs`)."""
     num_c, n = next(iter(log_probs.values())).shape[:2]
     ks = {k: log_probs[k].shape[-1] for k in gammas}
-    table = torch.empty((num_c, *ks.values()))
-    for c, ys in cells(num_c, ks):
-        lw = log_weights(log_probs, gammas, c, ys)
-        ess = 1 / torch.softmax(lw.double(), 0).pow(2).sum()
-        table[(c, *ys)] = torch.logsumexp(lw, 0) - math.log(n) if ess >= min_ess else math.nan
-    return table
+    table, ess = torch.empty((num_c, *ks.values())), torch.empty((num_c, *ks.values()))
+    for c, ys in requests(num_c, ks):
+        lw = log_weights(log_probs, gammas, c, ys).double()
+        table[(c, *ys)] = torch.logsumexp(lw, 0) - math.log(n)
+        ess[(c, *ys)] = 1 / torch.softmax(lw, 0).pow(2).sum()
+    return LogZ(table, ess, min_ess, n)
 
 
-def meter(log_z: Tensor, objective: Tensor) -> float:
-    """log Z - J in nats over the requests whose log Z is trusted (finite): KL(P_theta || P*) >= 0 on path space
-    up to Monte-Carlo error, how far a fine-tune is from its optimum. NaN if no request is trusted."""
-    ok = torch.isfinite(log_z)
-    return (log_z[ok] - objective[ok]).mean().item() if ok.any() else math.nan
+def meter(log_z: LogZ, cond: Cond, names, objective: Tensor) -> float:
+    """log Z - J in nats over the rows of a batch whose request the bank is trusted on: KL(P_theta || P*) >= 0 on
+    path space up to Monte-Carlo error, how far a fine-tune is from its optimum. NaN if no row is trusted."""
+    idx = request_index(cond, names)
+    ok = log_z.trusted[idx]
+    return (log_z.table[idx][ok] - objective[ok]).mean().item() if ok.any() else math.nan
 
 
-def on_trusted(cells: list[dict], target_cells: list[dict], min_ess: float) -> dict:
-    """Mean accuracy (and digit fidelity, the reward classifiers' accuracy where known) over the requests (c, y)
-    the target is trusted on: the
-    like-for-like comparison with the target, whose other cells rest on a handful of base samples."""
-    ok = {(r["c"], tuple(r["y"])) for r in target_cells if r["ess"] >= min_ess}
-    rows = [r for r in cells if (r["c"], tuple(r["y"])) in ok]
-    out = {"cells": len(rows)}
-    for key in ("accuracy", "digit_fidelity", "classifier_accuracy"):
-        vals = [r[key] for r in rows if key in r]
-        out[key] = float(np.mean(vals)) if vals else math.nan
+class PathLogZ:
+    """Per request, the log-mean-exp of the path weights w = exp(reward) dP_pre/dP_theta of every rollout so far
+    (`Trajectory.log_ratio`): each weight is unbiased for Z(c, y) whichever chain drew it, so the running mean over
+    a fine-tune's changing chain estimates Z, and sharpens as the chain nears P*. Where the bank cannot see the
+    target (its untrusted requests), this is what the all-request meter of a fine-tune reads log Z from."""
+
+    def __init__(self, shape):
+        self.lse = torch.full(tuple(shape), -math.inf, dtype=torch.float64)
+        self.n = torch.zeros(tuple(shape), dtype=torch.float64)
+
+    def add(self, idx: tuple[Tensor, ...], log_w: Tensor) -> None:
+        for row, lw in zip(zip(*idx), log_w.double()):
+            self.lse[row] = torch.logaddexp(self.lse[row], lw)
+            self.n[row] += 1
+
+    def log_z(self) -> Tensor:
+        seen = self.n > 0
+        return torch.where(seen, self.lse - self.n.clamp(min=1).log(), -math.inf).float()  # -inf: no path seen yet
+
+    def state_dict(self) -> dict:
+        return {"lse": self.lse, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lse, self.n = state["lse"].clone(), state["n"].clone()
+
+
+def all_request_meter(bank: LogZ, paths: PathLogZ, cond: Cond, names, objective: Tensor) -> float:
+    """log Z - J over every row of a batch, log Z per request the larger of the bank's and the paths' estimate
+    (both are low in expectation: the larger is the nearer)."""
+    idx = request_index(cond, names)
+    return (torch.maximum(bank.table[idx], paths.log_z()[idx]) - objective).mean().item()
+
+
+# --- the yardstick: J, log Z, KL and the gap of every sampler over the same requests -----------------------
+
+@dataclass
+class PathStats:
+    """A sampler's meter paths, per request (num_c, K_1, ..., K_m): how many, the mean objective J = reward - path
+    KL and its std, the mean KL and reward; and from the path weights w = exp(reward) dP_pre/dP_theta, log mean w
+    (an estimate of log Z), their ESS and the w-weighted mean reward (an estimate of E_p*[reward])."""
+
+    n: Tensor
+    j: Tensor
+    j_std: Tensor
+    kl: Tensor
+    reward: Tensor
+    log_z: Tensor
+    ess: Tensor
+    tilted_reward: Tensor
+
+
+def path_stats(idx: tuple[Tensor, ...], shape, reward: Tensor, kl: Tensor, log_ratio: Tensor) -> PathStats:
+    """Per-request statistics of paths at request indices `idx` (`conditions.request_index`)."""
+    keys = ("n", "j", "j_std", "kl", "reward", "log_z", "ess", "tilted_reward")
+    out = {k: torch.full(tuple(shape), math.nan, dtype=torch.float64) for k in keys}
+    out["n"].zero_()
+    flat = torch.from_numpy(np.ravel_multi_index([i.numpy() for i in idx], tuple(shape)))
+    j, log_w = (reward - kl).double(), (reward + log_ratio).double()
+    for cell in flat.unique():
+        m, where = flat == cell, np.unravel_index(int(cell), tuple(shape))
+        w = torch.softmax(log_w[m], 0)
+        vals = {"n": m.sum(), "j": j[m].mean(), "j_std": j[m].std() if m.sum() > 1 else torch.tensor(0.0),
+                "kl": kl[m].double().mean(), "reward": reward[m].double().mean(),
+                "log_z": torch.logsumexp(log_w[m], 0) - math.log(int(m.sum())), "ess": 1 / w.pow(2).sum(),
+                "tilted_reward": (w * reward[m].double()).sum()}
+        for k, v in vals.items():
+            out[k][where] = v
+    return PathStats(**{k: v.float() for k, v in out.items()})
+
+
+def _log_z_se(ess: Tensor, n: Tensor) -> Tensor:
+    """Monte-Carlo error of a log-mean-exp estimate of log Z with this ESS of n samples (delta method)."""
+    return (1 / ess - 1 / n).clamp(min=0).sqrt()
+
+
+def _summary(keep: Tensor, log_z: Tensor, log_z_se: Tensor, j: Tensor, j_se: Tensor, kl: Tensor) -> dict:
+    """Means over the requests `keep`: J, log Z, KL and the gap log Z - J with its Monte-Carlo error."""
+    n = int(keep.sum())
+    if n == 0:
+        return {"requests": 0, "J": math.nan, "log_z": math.nan, "kl": math.nan, "gap": math.nan, "gap_se": math.nan}
+    se = (log_z_se[keep] ** 2 + j_se[keep] ** 2).sum().sqrt() / n
+    return {"requests": n, "J": j[keep].mean().item(), "log_z": log_z[keep].mean().item(), "kl": kl[keep].mean().item(),
+            "gap": (log_z[keep] - j[keep]).mean().item(), "gap_se": se.item()}
+
+
+def yardstick(bank: LogZ, bank_reward: Tensor, paths: dict[str, PathStats], min_path_ess: float) -> dict:
+    """J, log Z, KL and log Z - J (KL(P_theta || P*) >= 0, nats) of each sampler with meter paths, and of the
+    target, over two sets of the same requests:
+    - "trusted": the requests the bank's ESS >= min_ess; log Z from the bank (the classic meter). "gap_paths" is
+      the same with log Z from the sampler's own path weights: the two must agree within their errors.
+    - "all": every request; log Z per request the larger of the bank's and every sampler's path estimate (both
+      are low in expectation, so the larger is the nearer). A request where every estimate's ESS is small (bank <
+      min_ess, paths < min_path_ess) is counted in "flagged": there log Z, and so the gap, is a lower bound.
+    The target's J is log Z itself (the optimum; its gap is 0 by definition, so none is reported) and its KL is
+    E_p*[reward] - log Z, from the estimate that gave log Z. bank_reward: E_p*[reward] from the bank's weights."""
+    best, ess, size = bank.table.clone(), bank.ess.clone(), torch.full_like(bank.ess, float(bank.samples or 1))
+    tilted, source = bank_reward.clone(), torch.zeros(bank.table.shape, dtype=torch.long)
+    for i, s in enumerate(paths.values(), 1):
+        better = s.log_z > best
+        best[better], ess[better], size[better] = s.log_z[better], s.ess[better], s.n[better]
+        tilted[better], source[better] = s.tilted_reward[better], i
+    flagged = ~bank.trusted
+    for s in paths.values():
+        flagged &= ~(s.ess >= min_path_ess)
+    every = torch.ones_like(bank.trusted)
+    bank_se, best_se = _log_z_se(bank.ess, torch.full_like(bank.ess, float(bank.samples or 1))), _log_z_se(ess, size)
+    out = {}
+    for name, s in paths.items():
+        j_se = s.j_std / s.n.clamp(min=1).sqrt()
+        trusted = _summary(bank.trusted, bank.table, bank_se, s.j, j_se, s.kl)
+        own = _summary(bank.trusted, s.log_z, _log_z_se(s.ess, s.n), s.j, j_se, s.kl)
+        trusted.update(gap_paths=own["gap"], gap_paths_se=own["gap_se"])
+        out[name] = {"trusted": trusted, "all": _summary(every, best, best_se, s.j, j_se, s.kl) | {
+            "flagged": int(flagged.sum()), "median_path_ess": float(s.ess.median())}}
+    zero = torch.zeros_like(best)
+    target = {"trusted": _summary(bank.trusted, bank.table, bank_se, bank.table, zero, bank_reward - bank.table),
+              "all": _summary(every, best, best_se, best, zero, tilted - best) | {"flagged": int(flagged.sum())}}
+    for part in target.values():
+        part["gap"] = part["gap_se"] = math.nan  # J* = log Z: the optimum's gap is 0 by definition, not measured
+    out["target"] = target
+    names = ["bank", *paths]
+    out["log_z_source"] = {names[i]: int((source == i).sum()) for i in range(len(names))}
     return out
-
-
-def lookup(table: Tensor, cond: Cond, names) -> Tensor:
-    """table[c_i, y_1i, ..., y_mi] for each row of cond."""
-    return table[(cond.c, *[cond.y[k] for k in names])]
 
 
 # --- the target's metrics -------------------------------------------------------------------------------
@@ -164,17 +283,30 @@ class TargetEstimate:
 
     weights: dict[tuple[int, tuple[int, ...]], Tensor]
     ess: dict[tuple[int, tuple[int, ...]], float]
-    log_z: Tensor  # (num_c, K_1, ..., K_m)
+    log_z: LogZ
 
 
-def estimate(log_probs: dict[str, Tensor], gammas: dict[str, float]) -> TargetEstimate:
+def estimate(log_probs: dict[str, Tensor], gammas: dict[str, float], min_ess: float = MIN_ESS) -> TargetEstimate:
     num_c = next(iter(log_probs.values())).shape[0]
     ks = {k: log_probs[k].shape[-1] for k in gammas}
     weights, ess = {}, {}
-    for cell in cells(num_c, ks):
+    for cell in requests(num_c, ks):
         w = log_weights(log_probs, gammas, *cell).double().softmax(0)
         weights[cell], ess[cell] = w.float(), float(1 / (w**2).sum())
-    return TargetEstimate(weights, ess, log_z_table(log_probs, gammas))
+    return TargetEstimate(weights, ess, bank_log_z(log_probs, gammas, min_ess))
+
+
+def on_trusted(cells: list[dict], target_cells: list[dict], min_ess: float) -> dict:
+    """Mean accuracy (and digit fidelity, the reward and monitor classifiers' accuracy where known) over the
+    requests (c, y) the target is trusted on: the like-for-like comparison with the target, whose other cells rest
+    on a handful of base samples."""
+    ok = {(r["c"], tuple(r["y"])) for r in target_cells if r["ess"] >= min_ess}
+    rows = [r for r in cells if (r["c"], tuple(r["y"])) in ok]
+    out = {"cells": len(rows)}
+    for key in ("accuracy", "digit_fidelity", "classifier_accuracy", "monitor_accuracy"):
+        vals = [r[key] for r in rows if key in r]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    return out
 
 
 @torch.no_grad()
@@ -182,16 +314,15 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
                    seed: int = 0, min_ess: float = MIN_ESS) -> tuple[dict, Tensor, Cond]:
     """The target p_gamma's scores in `evaluate`'s format (one row beside base and CTRL), from the bank.
 
-    Accuracy, macro-F1 (from the expected confusion) and digit fidelity are weighted means over the bank
-    (every request (c, y) weighted equally, as the balanced evaluation asks them); feature-FID and the images come
-    from resampling the same number of samples as `evaluate` draws. Each cell's ESS is reported; cells below
-    `min_ess` are counted and flagged (their numbers rest on a handful of base samples)."""
-    from .evaluate import features, frechet_distance
-    from .rl.finetune import balanced_conditions
-
+    Accuracy, macro-F1 (from the expected confusion), digit fidelity and the reward and monitor classifiers'
+    accuracy are weighted means over the bank (every request (c, y) weighted equally, as the balanced evaluation
+    asks them); feature-FID uses the weighted feature moments of the whole bank (`metrics.frechet_distance`). The
+    images come from resampling as many draws as `evaluate` makes (a picture, not a measure). Each request's ESS,
+    log Z and E_p*[reward] are reported; requests below `min_ess` are counted and flagged."""
     gammas = {t.control.name: t.gamma for t in terms}
     log_probs = bank_log_probs(backend, bank, {t.control.name: t.classifier for t in terms})
-    est = estimate(log_probs, gammas)
+    monitors = bank_log_probs(backend, bank, {t.control.name: t.monitor for t in terms if t.monitor is not None})
+    est = estimate(log_probs, gammas, min_ess)
     images = backend.decode(bank.flatten(0, 1))
     images = images.view(*bank.shape[:2], *images.shape[1:])  # (num_c, n, C, H, W) in [0, 1]
     labels = {ctl.name: ctl.label(images.flatten(0, 1)).view(bank.shape[:2]) for ctl in controls}
@@ -202,16 +333,21 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
     ks = {ctl.name: ctl.num_classes for ctl in controls}
     n = per_class * int(np.prod(list(ks.values())))  # as many requests as `evaluate` makes
     conf = {k: np.zeros((K, K)) for k, K in ks.items()}
-    rows = []
+    rows, mixture = [], torch.zeros(bank.shape[:2], dtype=torch.float64)  # the target's weight on each bank sample
     for (c, ys), w in est.weights.items():
-        ok, clf_ok = torch.ones_like(w, dtype=torch.bool), torch.ones_like(w, dtype=torch.bool)
+        ok, clf_ok, mon_ok = (torch.ones_like(w, dtype=torch.bool) for _ in range(3))
         for name, y in zip(ks, ys):
             conf[name][y] += np.bincount(labels[name][c].numpy(), weights=w.double().numpy(), minlength=ks[name])
             ok &= labels[name][c] == y
             clf_ok &= log_probs[name][c].argmax(-1) == y
-        rows.append({"c": c, "y": list(ys), "ess": est.ess[(c, ys)], "log_z": est.log_z[(c, *ys)].item(),
+            if name in monitors:
+                mon_ok &= monitors[name][c].argmax(-1) == y
+        rows.append({"c": c, "y": list(ys), "ess": est.ess[(c, ys)], "log_z": est.log_z.table[(c, *ys)].item(),
+                     "reward": float((w * log_weights(log_probs, gammas, c, ys)).sum()),
                      "accuracy": float((w * ok).sum()), "classifier_accuracy": float((w * clf_ok).sum()),
-                     "digit_fidelity": float((w * digit_ok[c]).sum()) if digit_ok is not None else math.nan})
+                     "digit_fidelity": float((w * digit_ok[c]).sum()) if digit_ok is not None else math.nan}
+                    | ({"monitor_accuracy": float((w * mon_ok).sum())} if monitors else {}))
+        mixture[c] += w.double() / len(est.weights)
     out: dict = {"method": "target", "knobs": {"gamma": gammas}, "samples": int(bank.shape[0] * bank.shape[1]),
                  "seconds_per_sample": math.nan, "cost_per_sample": {}, "cells": rows,
                  "min_ess": min(est.ess.values()), "untrusted_cells": sum(r["ess"] < min_ess for r in rows),
@@ -222,14 +358,18 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
         f1 = 2 * tp / np.maximum(cm.sum(0) + cm.sum(1), 1e-12)
         out[name] = {"accuracy": float(tp.sum() / cm.sum()), "macro_f1": float(f1.mean()),
                      "confusion": (cm * n).round(2).tolist()}  # expected counts at evaluate's size
-    joint = np.array([r["accuracy"] for r in rows])
     if len(ks) > 1:
-        out["joint_accuracy"] = float(joint.mean())
+        out["joint_accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
         out["per_corner"] = {",".join(f"{k}={v}" for k, v in zip(ks, ys)): float(np.mean(
             [r["accuracy"] for r in rows if tuple(r["y"]) == ys])) for ys in itertools.product(*map(range, ks.values()))}
-    out["digit_fidelity"] = float(np.mean([r["digit_fidelity"] for r in rows]))
-    out["classifier_accuracy"] = float(np.mean([r["classifier_accuracy"] for r in rows]))
-    # --- resampling: as many draws as `evaluate` makes, for feature-FID and the sample grid
+    for key in ("digit_fidelity", "classifier_accuracy", "monitor_accuracy"):
+        if key in rows[0]:
+            out[key] = float(np.mean([r[key] for r in rows]))
+    out["feature_fid"] = math.nan
+    if oracle is not None and real_features is not None:
+        out["feature_fid"] = frechet_distance(features(oracle, images.flatten(0, 1)), real_features,
+                                              mixture.flatten().numpy())
+    # --- resampling: as many draws as `evaluate` makes, for the sample grid
     cond = balanced_conditions(n, backend.num_c, ks)
     g, idx = torch.Generator().manual_seed(seed), torch.empty(n, dtype=torch.long)
     for (c, ys), w in est.weights.items():
@@ -238,13 +378,15 @@ def target_metrics(backend, bank: Tensor, terms, controls, per_class: int, oracl
             m &= cond.y[name] == y
         if m.any():
             idx[m] = torch.multinomial(w, int(m.sum()), replacement=True, generator=g)
-    drawn = images[cond.c, idx]
-    out["feature_fid"] = math.nan
-    if oracle is not None and real_features is not None:
-        out["feature_fid"] = frechet_distance(features(oracle, drawn), real_features)
     # the target's KL from the base on x_0: E_p*[sum gamma log p̂] - log Z (what its path costs at the optimum)
-    reward = np.mean([float((w * log_weights(log_probs, gammas, c, ys)).sum()) for (c, ys), w in est.weights.items()])
-    out["mean_kl"] = float(reward - out["log_z"])
-    out["reward"], out["objective"] = float(reward), out["log_z"]
-    return out, drawn, cond
+    out["reward"] = float(np.mean([r["reward"] for r in rows]))
+    out["mean_kl"], out["objective"] = out["reward"] - out["log_z"], out["log_z"]
+    return out, images[cond.c, idx], cond
 
+
+def bank_reward_table(target: dict, shape) -> Tensor:
+    """E_p*[reward] per request (the target's rows) as a (num_c, K_1, ...) table, for `yardstick`."""
+    table = torch.full(tuple(shape), math.nan)
+    for r in target["cells"]:
+        table[(r["c"], *r["y"])] = r["reward"]
+    return table

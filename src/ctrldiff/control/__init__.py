@@ -1,8 +1,9 @@
 """Step 2 of CTRL: the augmented model g(t, c, y, x) (METHOD.md §2).
 
 The frozen pre-trained network plus, for each new control, an embedding table with K+1 rows added to the
-timestep embedding (all rows zero at init; row K is "null" and stays zero), plus LoRA through peft. At step 0
-the augmented model is the pre-trained one exactly.
+timestep embedding (all rows zero at init; row K is "null" and stays zero), plus LoRA through peft (or, with
+adapter="full", every weight of a copy of the network trainable). At step 0 the augmented model is the
+pre-trained one exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..io import CtrlDiffError, load_weights, save_weights
 
 LORA_TARGETS = ["conv1", "conv2", "emb_proj"]  # the ResBlocks' convolutions and embedding projections
 FINAL_STEPS = ("model", "base")  # who takes the last, deterministic step (see `sampling.sample`'s `final`)
+ADAPTERS = ("lora", "full")  # what trains besides the control embeddings: LoRA factors, or every network weight
 
 
 def frozen_copy(net: nn.Module, share: bool = False) -> nn.Module:
@@ -38,17 +40,22 @@ class ControlledDenoiser(nn.Module):
     """The augmented model as a Denoiser: `model(x_t, t, Cond(c, {name: y}))`; a missing control means null."""
 
     def __init__(self, backend, controls: dict[str, int], lora_rank: int = 4, lora_targets=None,
-                 final_step: str = "model"):
+                 final_step: str = "base", adapter: str = "lora"):
         super().__init__()
         if final_step not in FINAL_STEPS:
             raise CtrlDiffError(f"final_step={final_step!r}; choose from {FINAL_STEPS}")
-        self.backend, self.final_step = backend, final_step
+        if adapter not in ADAPTERS:
+            raise CtrlDiffError(f"adapter={adapter!r}; choose from {ADAPTERS}")
+        self.backend, self.final_step, self.adapter = backend, final_step, adapter
         self.controls = dict(controls)
-        self.lora_rank = lora_rank
+        self.lora_rank = lora_rank if adapter == "lora" else 0
         self.lora_targets = list(lora_targets or getattr(backend, "lora_targets", LORA_TARGETS))
-        net = frozen_copy(backend.net, getattr(backend, "share_weights", False))  # the backend keeps the reference
-        if lora_rank > 0:
-            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=self.lora_targets,
+        full = adapter == "full"  # a copy of its own to train (never the backend's, which stays the reference)
+        net = frozen_copy(backend.net, getattr(backend, "share_weights", False) and not full)
+        if full:
+            net.requires_grad_(True)
+        elif self.lora_rank > 0:
+            cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, target_modules=self.lora_targets,
                              init_lora_weights=True)  # B = 0: LoRA starts as the identity
             net = inject_adapter_in_model(cfg, net)
             for name, p in net.named_parameters():
@@ -89,7 +96,8 @@ class ControlledDenoiser(nn.Module):
         return self.requires_grad_(False)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.net.named_parameters() if "lora_" in n]
+        """The network's trained parameters: LoRA's factors, or every weight with adapter="full"."""
+        return [p for n, p in self.net.named_parameters() if "lora_" in n or self.adapter == "full"]
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return list(self.embeddings.parameters())
@@ -97,13 +105,15 @@ class ControlledDenoiser(nn.Module):
     def adapter_state(self) -> dict[str, Tensor]:
         """Only the new parameters: peft's LoRA state dict + the control embeddings."""
         state = {f"emb.{k}": e.weight for k, e in self.embeddings.items()}
-        if self.lora_rank > 0:
+        if self.adapter == "full":
+            state.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
+        elif self.lora_rank > 0:
             state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.net).items()})
         return state
 
     def meta(self) -> dict:
         return {"kind": "ctrl", "controls": self.controls, "lora_rank": self.lora_rank,
-                "lora_targets": self.lora_targets, "final_step": self.final_step}
+                "lora_targets": self.lora_targets, "final_step": self.final_step, "adapter": self.adapter}
 
     def save(self, path, extra: dict | None = None) -> None:
         save_weights(path, self.adapter_state(), {**self.meta(), **(extra or {})})
@@ -115,7 +125,7 @@ class ControlledDenoiser(nn.Module):
         if meta.get("kind") != "ctrl":
             raise CtrlDiffError(f"{path} is not a CTRL checkpoint (kind={meta.get('kind')!r})")
         model = cls(backend, meta["controls"], meta["lora_rank"], meta["lora_targets"],
-                    meta.get("final_step", "model"))
+                    meta.get("final_step", "model"), meta.get("adapter", "lora"))
         expected = model.adapter_state()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
             raise CtrlDiffError(f"checkpoint {path} does not match the base model it is loaded on")
@@ -126,6 +136,8 @@ class ControlledDenoiser(nn.Module):
         with torch.no_grad():
             for k, e in self.embeddings.items():
                 e.weight.copy_(state[f"emb.{k}"])
+            if self.adapter == "full":
+                self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         if self.lora_rank > 0:
             set_peft_model_state_dict(self.net, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         return self

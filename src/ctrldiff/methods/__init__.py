@@ -1,7 +1,8 @@
 """Every way ctrldiff samples p(x | c, y), behind one entry point: `build_method(name, backend, knobs, ...)`.
 
 base (the pre-trained model), ctrl (the fine-tuned augmented model), cfg (the same model trained on triplets),
-and the inference-time baselines dps, classifier, mpgd, smc, svdd, best_of_n (METHOD.md §6). Each is a
+the inference-time baselines dps, classifier, mpgd, smc, svdd, best_of_n (METHOD.md §6), and ctrl_smc: SMC
+whose proposal is CTRL's chain, exact as its particles grow and cheap when CTRL is near its target. Each is a
 `Method` whose `draw(cond, generator)` returns x0 (and the Trajectory where the method is one Gaussian chain);
 `Cost.watch(method.nets)` counts its network passes.
 """
@@ -35,8 +36,10 @@ KNOBS: dict[str, dict[str, float | int]] = {
     "smc": {"particles": 4, "gamma": 10.0, "w": 1.0, "ess": 0.5},  # K, twist exponent, proposal scale, ESS/K
     "svdd": {"candidates": 20, "alpha": 0.1},  # M (official 20), selection temperature (0 = argmax)
     "best_of_n": {"n": 8},
+    "ctrl_smc": {"particles": 4, "gamma": 10.0, "ess": 0.5},  # K, twist exponent (the target's gamma), ESS/K
 }
 NEEDS = {"ctrl": "a fine-tuned checkpoint (--ckpt)", "cfg": "a checkpoint from `finetune --method cfg` (--ckpt)",
+         "ctrl_smc": "a fine-tuned checkpoint (--ckpt) and reward classifiers (--classifiers)",
          "classifier": "noise-aware classifiers (--classifiers from `ctrldiff classifier`)"}
 _INT_KNOBS = {"particles", "candidates", "n"}
 _RANGES = {"ess": (0.0, 1.0)}
@@ -89,7 +92,8 @@ def build_method(name: str, backend, knobs: dict | None = None, *, steps: int = 
     k = check_knobs(name, knobs)
     sch, base = backend.schedule, backend.denoiser
     nets = [("denoiser", backend.net)]
-    if not {"base": backend, "ctrl": model, "cfg": model, "classifier": noisy}.get(name, classifiers):
+    if not {"base": backend, "ctrl": model, "cfg": model, "classifier": noisy,
+            "ctrl_smc": model is not None and classifiers}.get(name, classifiers):
         raise CtrlDiffError(f"method {name!r} needs {NEEDS.get(name, 'reward classifiers (--classifiers)')}")
 
     def chain(denoiser, x0_guide=None, final=None):
@@ -102,6 +106,10 @@ def build_method(name: str, backend, knobs: dict | None = None, *, steps: int = 
 
     def particles(fn, **kw):
         return lambda cond, g: (fn(base, sch, lik, cond, backend.shape, g, steps=steps, eta=eta, **kw), None)
+
+    def ctrl_smc():  # SMC from CTRL's chain: the base's last step, no gradient in the proposal
+        nets.insert(0, ("denoiser", model.net))
+        return particles(smc, w=0.0, proposal=model, **k), k["particles"]
 
     if name == "base":
         return Method(name, k, chain(base), nets)
@@ -119,6 +127,7 @@ def build_method(name: str, backend, knobs: dict | None = None, *, steps: int = 
         "smc": lambda: (particles(smc, **k), k["particles"]),
         "svdd": lambda: (particles(svdd, **k), k["candidates"]),
         "best_of_n": lambda: (particles(best_of_n, **k), k["n"]),
+        "ctrl_smc": ctrl_smc,
     }[name]()
     return Method(name, k, draw, nets, width)
 

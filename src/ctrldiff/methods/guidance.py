@@ -13,7 +13,6 @@ from torch import Tensor
 
 from ..classifier import Classifier, NoisyClassifier
 from ..contracts import Cond, Denoiser
-from ..rl.finetune import reward_input
 from ..schedule import Schedule, predict_x0
 
 
@@ -25,7 +24,7 @@ class Likelihood:
     classifiers: dict[str, Classifier]
 
     def __call__(self, x0: Tensor, cond: Cond) -> Tensor:
-        x = reward_input(self.backend, x0)
+        x = self.backend.classifier_input(x0)
         return sum(clf.log_prob(x, cond.y[name]) for name, clf in self.classifiers.items())
 
 

@@ -69,16 +69,18 @@ def svdd(denoiser: Denoiser, schedule: Schedule, likelihood: Likelihood, cond: C
 
 def smc(denoiser: Denoiser, schedule: Schedule, likelihood: Likelihood, cond: Cond, shape, generator, *,
         steps: int, eta: float, particles: int, gamma: float, w: float, ess: float,
-        return_all: bool = False) -> Tensor:
+        proposal: Denoiser | None = None, return_all: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Twisted SMC (TDS, Wu et al. 2023) towards p̂(y|x)^gamma p_pre(x|c), K particles per request.
 
     Twist: p̂(y | x0_hat(x_t))^gamma. Proposal: the base step with its mean moved by w std^2 grad_{x_t} log p̂
-    (TDS uses w = gamma). Incremental weight: p_pre(x'|x) twist(x') / (q(x'|x) twist(x)); multinomial
-    resampling within a request when its effective sample size falls below ess * K. Returns one particle per
-    request drawn by the final weights (or all K, request-major). K = 1, w = 0 is the base sampler.
+    (TDS uses w = gamma), or with `proposal` (a denoiser, e.g. CTRL's fine-tuned model) that denoiser's own step.
+    Incremental weight: p_pre(x'|x) twist(x') / (q(x'|x) twist(x)); multinomial resampling within a request when
+    its effective sample size falls below ess * K (ess = 0: importance resampling at the end only). The last,
+    deterministic step is the base's. Returns one particle per request drawn by the final weights (or, with
+    return_all, all K request-major and their log weights (B, K)). K = 1, w = 0 is the base sampler.
     """
     b, k, rep = len(cond), particles, _repeat(cond, particles)
-    guided = w != 0
+    guided = w != 0 and proposal is None
 
     def evaluate(x: Tensor, t: Tensor, proposal_follows: bool = True):  # eps, log p̂(y|x0_hat), its gradient
         if guided and proposal_follows:
@@ -92,22 +94,28 @@ def smc(denoiser: Denoiser, schedule: Schedule, likelihood: Likelihood, cond: Co
     eps, ll, grad = evaluate(x, times[0][0], steps > 1)
     log_w = gamma * ll.view(b, k) if k > 1 else None  # the twist at x_T: x_T ~ N(0, I) is the first proposal
     for i, (t, t_prev) in enumerate(times):
-        mean, std = step_mean_std(schedule, x, eps, t.expand(b * k), t_prev.expand(b * k), eta)
+        tb, pb = t.expand(b * k), t_prev.expand(b * k)
+        mean, std = step_mean_std(schedule, x, eps, tb, pb, eta)
         stochastic = bool((std > 0).all())
-        proposal = mean + w * std**2 * grad if guided and stochastic else mean
-        x_new = proposal + std * torch.randn(x.shape, generator=generator)
+        if proposal is not None and stochastic:
+            q_mean = step_mean_std(schedule, x, proposal(x, tb, rep), tb, pb, eta)[0]
+        else:
+            q_mean = mean + w * std**2 * grad if guided and stochastic else mean
+        x_new = q_mean + std * torch.randn(x.shape, generator=generator)
         if i + 1 < steps:
             eps, ll_new, grad = evaluate(x_new, t_prev, i + 2 < steps)  # the last step (to t = -1) has std 0
         else:  # the clean end: x0_hat is x0 itself
             ll_new = likelihood(x_new, rep) if k > 1 else None
         if k > 1:
             inc = gamma * (ll_new - ll)
-            if guided and stochastic:
-                inc = inc + gaussian_log_prob(x_new, mean, std) - gaussian_log_prob(x_new, proposal, std)
+            if q_mean is not mean:  # the proposal's kernel differs from the base's
+                inc = inc + gaussian_log_prob(x_new, mean, std) - gaussian_log_prob(x_new, q_mean, std)
             log_w = log_w + inc.view(b, k)
             x_new, eps, ll_new, grad, log_w = _resample(x_new, eps, ll_new, grad, log_w, ess, generator)
         x, ll = x_new, ll_new
-    if return_all or k == 1:
+    if return_all:
+        return x, (torch.zeros((b, k)) if log_w is None else log_w)
+    if k == 1:
         return x
     return _gather(x, b, k, _pick(log_w, 1.0, generator))
 

@@ -1,5 +1,6 @@
-"""CTRL fine-tuning: direct back-propagation of the KL-regularised reward through the sampling chain
-(the paper's Algorithm 2). The loop reads like the paper; it trains only the augmented model's new parameters.
+"""CTRL fine-tuning: the KL-regularised reward maximised by direct back-propagation through the sampling chain
+(the paper's Algorithm 2) or by Adjoint Matching (`rl/adjoint.py`). The loop reads like the paper; it trains only
+the augmented model's new parameters.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from tqdm import tqdm
 
 from ..checkpoint import Checkpointer, Trainable, check_finite
 from ..classifier import Classifier
+from ..conditions import balanced_conditions, draw_conditions, request_index
 from ..config import LR_SCHEDULES, Config
-from ..contracts import Cond
 from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
 from ..sampling import sample
-from ..target import lookup, meter
+from ..target import LogZ, PathLogZ, all_request_meter, meter
 from ..tasks.controls import Control
-from . import scale
+from . import adjoint, scale
 from .objective import ctrl_objective
 
 
@@ -32,20 +33,6 @@ class RewardTerm:
     classifier: Classifier
     gamma: float
     monitor: Classifier | None = None
-
-
-def draw_conditions(n: int, num_c: int, controls: dict[str, int], g: torch.Generator) -> Cond:
-    """(c, y) drawn per sample: c uniform over the base's conditions, each y uniform over its classes."""
-    return Cond(torch.randint(0, num_c, (n,), generator=g),
-                {k: torch.randint(0, K, (n,), generator=g) for k, K in controls.items()})
-
-
-def balanced_conditions(n: int, num_c: int, controls: dict[str, int]) -> Cond:
-    """A fixed batch cycling through every joint class of y and every c (for monitoring and evaluation)."""
-    y, rest = {}, torch.arange(n)
-    for k, K in controls.items():  # mixed radix: every joint class of y, then every c within each
-        y[k], rest = rest % K, rest // K
-    return Cond(rest % num_c, y)
 
 
 MIN_ETA = 1e-3
@@ -73,11 +60,6 @@ def start_from(model: ControlledDenoiser, init: ControlledDenoiser) -> None:
     model.load_adapter_state(init.adapter_state())  # a merged init still holds its LoRA factors
 
 
-def reward_input(backend, x0: torch.Tensor) -> torch.Tensor:
-    """What the classifiers see (the backend decides: a clamped image in [-1, 1], or the point itself in 2-D)."""
-    return backend.classifier_input(x0)
-
-
 @torch.no_grad()
 def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64, show=None) -> dict:
     """Accuracy on a fixed batch by the optimised classifier, the independent monitor and the oracle.
@@ -87,7 +69,7 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64, s
     x_T = torch.randn((n, *backend.shape), generator=g)
     x0 = sample(model, backend.schedule, x_T, cond, steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g,
                 final=model.final(backend)).x0
-    x, images = reward_input(backend, x0), backend.decode(x0)
+    x, images = backend.classifier_input(x0), backend.decode(x0)
     if show is not None:
         show(images, cond)
     out = {}
@@ -103,54 +85,86 @@ def monitor(model, backend, terms: list[RewardTerm], cfg: Config, n: int = 64, s
 
 def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: bool = True, start=None,
              ckpt: Checkpointer | None = None, accelerator=None, init: ControlledDenoiser | None = None,
-             log_z: torch.Tensor | None = None, log_images=None):
+             log_z: LogZ | None = None, log_images=None):
     """Fine-tune a fresh augmented model by CTRL; returns (model, summary). ckpt: resume from / save to.
     accelerator: an accelerate.Accelerator for multi-GPU, mixed precision and accumulation (`rl/scale.py`).
 
+    The estimator (`rl.estimator`): "backprop" differentiates the objective through the whole sampling chain (the
+    paper's Algorithm 2); "adjoint" regresses the control onto the lean adjoint (Adjoint Matching, `rl/adjoint.py`):
+    the same objective and optimum, no graph through the chain.
     start: (cond, generator) -> x_T, the start distribution (default N(0, I)); a start tilted by the value
     function removes the start-distribution bias (METHOD.md §4, docs/exactness.md).
-    init: an augmented model (same controls, rank and final step) whose new parameters the fine-tune starts from
-    instead of zero, e.g. one fine-tuned on a coarser, cheaper chain (docs/exactness.md, table 4b); it is copied,
-    not changed.
-    log_z: log Z(c, y) per request (`target.log_z_table`, shape (num_c, K_1, ...)): each step then logs
-    `gap` = log Z - J on its batch, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats, how far
-    the fine-tune is from the objective's optimum (negative only where the unregularised last step is the model's).
-    Requests whose log Z is NaN (cells the bank barely reaches: `log_z_table(min_ess=)`) are left out of it.
+    init: an augmented model (same controls, adapter and final step) whose new parameters the fine-tune starts
+    from instead of zero, e.g. one fine-tuned on a coarser, cheaper chain (docs/exactness.md, table 4b); it is
+    copied, not changed.
+    log_z: log Z(c, y) per request from the bank (`target.bank_log_z`): each step then logs `gap` = log Z - J over
+    its rows whose request the bank trusts, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats,
+    how far the fine-tune is from the objective's optimum; and `gap_all` over every row, log Z per request the
+    larger of the bank's and the running path weights' (`target.PathLogZ`). Needs the base to take the last step
+    (with "model" the path ratio is undefined) and the plain start (a tilted one would add KL(start || N(0, I))).
 
     log_images(step, images, cond): the monitoring batch's decoded samples at each monitoring step."""
     rc, sc = cfg.rl, cfg.sampler
     if sc.eta < MIN_ETA:  # a denormal eta (4.7e-277, found by fuzzing) underflows the step noise to exactly 0
         raise CtrlDiffError(f"sampler.eta={sc.eta}: the KL term needs a stochastic sampler (eta >= {MIN_ETA})")
+    if rc.estimator == "adjoint" and (rc.final_step != "base" or rc.kl != "sum" or accelerator is not None):
+        raise CtrlDiffError("rl.estimator='adjoint' regresses the control of the stochastic steps: it needs "
+                            "rl.final_step='base', rl.kl='sum' and no accelerator (use 'backprop' otherwise)")
+    meter_on = log_z is not None and rc.kl == "sum" and rc.final_step == "base"
+    if meter_on and start is not None:
+        raise CtrlDiffError("a tilted start adds KL(start || N(0, I)) to the path KL, which the meter leaves out; "
+                            "pass start or log_z, not both")
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     controls = {t.control.name: t.control.num_classes for t in terms}
     gammas = {t.control.name: t.gamma for t in terms}
-    model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step)
+    model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step, adapter=rc.adapter)
     if init is not None:
         start_from(model, init)
     groups = [{"params": model.embedding_parameters(), "lr": rc.lr_emb}]
-    if rc.lora_rank > 0:
+    if model.lora_parameters():
         groups.append({"params": model.lora_parameters(), "lr": rc.lr_lora})
     params, base_lrs = [p for grp in groups for p in grp["params"]], [grp["lr"] for grp in groups]
     opt = torch.optim.AdamW(groups, weight_decay=rc.weight_decay, betas=(0.9, 0.999))
     opt = scale.prepare(accelerator, opt, g, cfg.seed)
+    paths = PathLogZ(log_z.table.shape) if meter_on else None
     ckpt = ckpt or Checkpointer(None, {}, rc.checkpoint_every)
-    first, extra = ckpt.start(rc.steps, {"model": Trainable(model), "opt": opt}, {"g": g})
+    state = {"model": Trainable(model), "opt": opt} | ({"paths": paths} if paths is not None else {})
+    first, extra = ckpt.start(rc.steps, state, {"g": g})
     stats = extra.get("stats", {})
     bar = tqdm(range(first, rc.steps), desc="ctrl finetune", disable=not progress, dynamic_ncols=True,
                initial=first, total=rc.steps)
+
+    def reward(x0: torch.Tensor, cond) -> torch.Tensor:  # sum_k gamma_k log p̂_k(y_k | x_0)
+        x = backend.classifier_input(x0)
+        return sum(t.gamma * t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms)
+
     for step in scale.accelerated(bar, accelerator, model):
-        # --- roll out the augmented model with gradients; (c, y) fresh per sample
+        # --- roll out the augmented model; (c, y) fresh per sample
         cond = draw_conditions(rc.batch, backend.num_c, controls, g)
         x_T = torch.randn((rc.batch, *backend.shape), generator=g) if start is None else start(cond, g)
-        traj = sample(model, backend.schedule, x_T, cond, steps=sc.steps, eta=sc.eta, reference=backend.denoiser,
-                      grad=True, truncate=rc.truncate, checkpoint=rc.checkpoint, generator=g, final=model.final(backend))
-        # --- reward: gamma_k log p̂_k(y_k | x_0) from each calibrated classifier; minus the path KL
-        x = reward_input(backend, traj.x0)
-        log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
-        loss, stats, j = ctrl_objective(traj, log_probs, gammas, rc.kl)
-        if log_z is not None and rc.kl == "sum":  # the convergence meter: log Z - J on this batch
-            stats["gap"] = meter(lookup(log_z, cond, controls), j)
+        if rc.estimator == "backprop":  # the loss is minus the objective, differentiated through the chain
+            traj = sample(model, backend.schedule, x_T, cond, steps=sc.steps, eta=sc.eta, reference=backend.denoiser,
+                          grad=True, truncate=rc.truncate, checkpoint=rc.checkpoint, generator=g,
+                          final=model.final(backend))
+            x = backend.classifier_input(traj.x0)
+            log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
+            loss, stats, j = ctrl_objective(traj, log_probs, gammas, rc.kl)
+        else:  # Adjoint Matching: a rollout without a graph, the lean adjoint, a regression
+            traj, adj = adjoint.rollout(model, backend, x_T, cond, sc.steps, sc.eta, g, partial(reward, cond=cond))
+            steps = adjoint.regressed_steps(traj, rc.adjoint_steps, g)
+            stochastic = sum(bool((s > 0).all()) for s in traj.stds)
+            loss = adjoint.matching_loss(model, backend, traj, cond, adj, steps, stochastic / len(steps))
+            with torch.no_grad():
+                r, kl = reward(traj.x0, cond), traj.path_kl()
+            j = r - kl
+            stats = {"loss": loss.item(), "reward": r.mean().item(), "kl": kl.mean().item()}
+        if meter_on:  # the convergence meter: log Z - J on this batch, trusted requests and every request
+            with torch.no_grad():
+                idx = request_index(cond, controls)
+                paths.add(idx, j + traj.path_kl() + traj.log_ratio())  # log w = reward + log dP_pre/dP_theta
+            stats["gap"] = meter(log_z, cond, controls, j)
+            stats["gap_all"] = all_request_meter(log_z, paths, cond, controls, j)
         # --- update the new parameters only
         scale.backward(loss, accelerator)
         grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)

@@ -1,0 +1,141 @@
+"""Does CTRL reach its target? The fine-tune's distance to its optimum (log Z - J, over every request) by
+capacity, chain length, estimator and budget (issue 26), each part writing its section of docs/tuning.md.
+
+    python benchmarks/convergence.py floor       # rows of FLOOR: capacity, chain, estimator, steps
+    python benchmarks/convergence.py tune        # rows of TUNE: the variants at about equal wall-clock
+    python benchmarks/convergence.py step-time   # seconds per optimiser step by estimator and adapter (2 threads)
+
+Every row fine-tunes on the same reward classifiers (`--classifiers`, a `ctrldiff classifier` run; default
+runs/clf-c4 for compress4 and runs/clf-multi for the 2x2 task), so rows differ only by the fine-tune, and is
+evaluated as `ctrldiff evaluate` does: the target's yardstick beside base and CTRL (ctrldiff/target.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _doc import ROOT, machine
+from _tasks import acc, gap_trend, run_tasks, task_main
+
+from ctrldiff import config as C
+from ctrldiff.io import write_section
+from ctrldiff.pipeline import backend_for, load_reward_terms
+
+TUNING_MD = ROOT / "docs" / "tuning.md"
+CLASSIFIERS = {"default": Path("runs/clf-c4"), "multi": Path("runs/clf-multi")}
+
+# (label, preset, overrides); a row's index names its run folder, so rows are only ever appended
+FLOOR = [
+    ("default (rank 4, backprop, 20-step chain, 200 steps)", "default", []),
+    ("rank 16", "default", ["rl.lora_rank=16"]),
+    ("rank 64", "default", ["rl.lora_rank=64"]),
+    ("full network, lr 3e-4", "default", ["rl.adapter=full", "rl.lr_lora=3e-4"]),
+    ("40-step chain", "default", ["sampler.steps=40"]),
+    ("adjoint", "default", ["rl.estimator=adjoint"]),
+    ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16"]),
+    ("400 steps", "default", ["rl.steps=400"]),
+]
+TUNE: list[tuple[str, str, list[str]]] = []
+
+
+def _command(part: str) -> str:
+    return " ".join(["python benchmarks/convergence.py", part, *sys.argv[2:]])
+
+
+def row_line(label: str, r: dict) -> str:
+    """One table row: cost, the oracle's and the monitor's verdicts, and the meter on trusted and all requests."""
+    c, t = r["results"]["ctrl"], r["results"]["target"]
+    tr, al = c["yardstick"]["trusted"], c["yardstick"]["all"]
+    steps = r["config"]["rl"]["steps"]
+    sec = r["step_seconds"]
+    per_step = (sec[-1] - sec[2]) / (len(sec) - 3) if len(sec) > 3 else float("nan")
+    return (f"| {label} | {per_step:.2f} | {r['finetune_seconds']:.0f} | {r['peak_rss_gb']:.2f} | "
+            f"{acc(c):.3f} / {acc(t):.3f} | {c.get('monitor_accuracy', float('nan')):.3f} | "
+            f"{c['trusted']['accuracy']:.3f} / {t['trusted']['accuracy']:.3f} | {c['digit_fidelity']:.3f} / "
+            f"{t['digit_fidelity']:.3f} | {c['feature_fid'] / t['feature_fid']:.2f} | "
+            f"{tr['gap']:.2f} ± {tr['gap_se']:.2f} ({tr['requests']}) | {al['gap']:.2f} ± {al['gap_se']:.2f} "
+            f"({al['flagged']} flagged) | {gap_trend(r['gap_all_curve'])} | {steps} |")
+
+
+HEAD = ("| row | s / step | fine-tune s | peak GiB | acc, CTRL / target | monitor acc | acc on trusted requests, "
+        "CTRL / target | digit fidelity, CTRL / target | FID / target's | log Z − J, trusted (requests) | "
+        "log Z − J, all requests | meter over training (all requests) | steps |")
+
+
+def part_rows(args, rows: list, section: str, title: str) -> None:
+    t0 = time.time()
+    picked = range(len(rows)) if args.pick is None else args.pick
+    jobs = [(rows[i][1], [*args.overrides, *rows[i][2]], args.out / f"{i:02d}-{rows[i][1]}") for i in picked]
+    extra = ["--classifiers", str(args.classifiers)] if args.classifiers else []
+    results = run_tasks(__file__, jobs, args.parallel, args.threads, extra)
+    lines = [f"## {title}\n",
+             (f"Produced by `{_command(args.part)}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{(time.time() - t0) / 60:.0f} min ({args.parallel} runs at a time, {args.threads} thread(s) each: "
+              "the seconds are under that load, `step-time` gives them alone). Each row fine-tunes CTRL on the "
+              "same reward classifiers (γ = 10) and is evaluated as `ctrldiff evaluate --classifiers` does: "
+              "128 samples per class for accuracy, fidelity and feature-FID, and "
+              f"{results[0]['config']['target']['paths']} meter paths per request for log Z − J = KL(P_θ ‖ P*) "
+              "(nats, ± Monte-Carlo error): on the requests the bank trusts (its log Z), and on all 40 (log Z the "
+              "larger of the bank's and the path weights' estimate; flagged: both ESS small, the gap there a lower "
+              "bound). The meter over training is `gap_all` (every request), mean of each fifth of the steps.\n"),
+             HEAD, "|---" * 13 + "|"]
+    lines += [row_line(rows[i][0], r) for i, r in zip(picked, results)]
+    write_section(TUNING_MD, section, "\n".join(lines))
+    print("\n".join(lines))
+
+
+def part_step_time(args) -> None:
+    """Seconds per optimiser step (steps 3-10 of a short fine-tune, this process's threads) of each estimator and
+    adapter on the default preset, with classifiers from --classifiers."""
+    base = C.apply_overrides(C.preset("default"), ["rl.monitor_every=0", "rl.steps=10", *args.overrides])
+    terms = load_reward_terms(base, args.classifiers or CLASSIFIERS["default"])
+    backend = backend_for(base)
+    from ctrldiff.rl import finetune
+
+    rows = []
+    for label, ov in [("backprop, rank 4", []), ("backprop, rank 16", ["rl.lora_rank=16"]),
+                      ("backprop, full network", ["rl.adapter=full"]), ("backprop, 40-step chain", ["sampler.steps=40"]),
+                      ("adjoint, rank 4", ["rl.estimator=adjoint"]),
+                      ("adjoint, 5 of 19 steps regressed", ["rl.estimator=adjoint", "rl.adjoint_steps=5"])]:
+        recs = []
+        finetune(backend, terms, C.apply_overrides(base, ov), log=recs.append, progress=False)
+        sec = [r["seconds"] for r in recs]
+        rows.append(f"| {label} | {(sec[-1] - sec[2]) / (len(sec) - 3):.2f} |")
+        print(rows[-1], flush=True)
+    lines = ["## Seconds per fine-tuning step, by estimator and adapter\n",
+             (f"Produced by `{_command('step-time')}` on {machine()}, {torch.get_num_threads()} threads, "
+              f"{time.strftime('%Y-%m-%d')}, one run at a time. The default preset (batch 32, 20 DDIM steps, the last "
+              "taken by the base), steps 3-10 of a short fine-tune:\n"),
+             "| estimator, adapter | s / step |", "|---|---|", *rows]
+    write_section(TUNING_MD, "step-time-estimators", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["floor", "tune", "step-time", "task"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--preset", default="default", help=argparse.SUPPRESS)  # part "task" (internal)
+    ap.add_argument("--classifiers", type=Path, default=None, help="a `ctrldiff classifier` run (default per preset)")
+    ap.add_argument("--pick", nargs="*", type=int, default=None, help="the rows to run and tabulate (default all)")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    args = ap.parse_args()
+    args.out = args.out or Path("runs") / f"convergence-{args.part}"
+    if args.part == "task":
+        task_main(args, classifiers=args.classifiers or CLASSIFIERS[args.preset])
+    elif args.part == "step-time":
+        part_step_time(args)
+    else:
+        rows, title = {"floor": (FLOOR, "Where is the floor? Capacity, chain, estimator and steps (issue 26)"),
+                       "tune": (TUNE, "Tuning to the meter at about equal wall-clock (issue 26)")}[args.part]
+        part_rows(args, rows, f"ctrl-{args.part}", title)
+
+
+if __name__ == "__main__":
+    main()
