@@ -28,7 +28,7 @@ from .plots import grid_image, plot_cells, plot_curves, save_grid
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
-from .target import bank_log_probs, load_bank, log_z_table, on_trusted, target_metrics
+from .target import bank_log_probs, base_hash, load_bank, log_z_table, on_trusted, target_metrics
 from .tasks.controls import Control, controls_of
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
 
@@ -182,7 +182,8 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
                               log_images=monitor_grid(run))
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "gammas": cfg.rl.controls, "summary": summary["seconds"],
-                                              "defined_controls": defined(model.controls)})
+                                              "defined_controls": defined(model.controls),
+                                              "base": base_hash(backend)})  # `ctrldiff export` checks it
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],
