@@ -324,7 +324,8 @@ def test_readme_section_runs_at_tiny_size(tmp_path, monkeypatch):
     for line in commands:
         args = shlex.split(line)[1:]
         assert main([*args, "--preset", "tiny"]) == 0, line
-    assert (tmp_path / "my-ddpm-bright" / "ctrl_pipeline.py").is_file()
+    readme = (tmp_path / "my-ddpm-bright" / "README.md").read_text()
+    assert "not checked" not in readme  # finetune recorded the base's hash and export checked it
     script = tmp_path / "use.py"
     script.write_text(python + "\nimport sys\nassert 'ctrldiff' not in sys.modules\n")
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_no_ctrldiff_env(tmp_path),
