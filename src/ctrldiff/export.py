@@ -87,10 +87,10 @@ def chain_scheduler(base_config: dict, schedule: Schedule):
         scheduler = DDPMScheduler(**kept, timestep_spacing="trailing", clip_sample=False, thresholding=False,
                                   variance_type="fixed_small")
     except (ValueError, NotImplementedError) as e:
-        raise CtrlDiffError(f"the base's scheduler config does not fit a DDPMScheduler: {e}") from None
+        raise CtrlDiffError(f"the base's scheduler config does not fit a DDPMScheduler: {str(e).splitlines()[0]}") from None
     if not torch.allclose(Schedule.from_betas(scheduler.betas).alphas_cumprod, schedule.alphas_cumprod):
-        raise CtrlDiffError("a DDPMScheduler from the base's scheduler config has another noise schedule than the "
-                            f"base's ({kept}); export needs the base's betas to be reproducible")
+        raise CtrlDiffError("a DDPMScheduler built from the base's scheduler config has another noise schedule than "
+                            f"the base's (beta_schedule={kept.get('beta_schedule')!r}): it cannot sample the chain")
     return scheduler
 
 
@@ -303,9 +303,9 @@ def folder_readme(info: dict) -> str:
 |---|---|
 {table}
 
-`unet/` is a plain {info['net']} of the base's architecture with the LoRA merged; `base_unet/` is the
-untouched base{" with the same class table (each row the base's class embedding of c)" if info["all_y"] else ""};
-the rest is the base's. Safetensors only.
+`unet/`: a plain {info['net']} of the base's architecture, the LoRA merged. `base_unet/`: the untouched base{
+" with the same class table (each row the base's class embedding of c)" if info["all_y"] else ""}.
+The rest is the base's. Safetensors only.
 
 ## Sample it
 
