@@ -224,6 +224,9 @@ def test_cli_finetune_then_sample(pipe_dir, tmp_path, capsys):
     events.Reload()  # the fine-tune's numbers and its monitoring grid reached the tracker
     assert "reward" in events.Tags()["scalars"] and [e.step for e in events.Images("samples")] == [0]
     assert json.loads((run / "config.json").read_text())["sd"]["model"] == str(pipe_dir)
+    from ctrldiff.target import base_hash
+
+    assert load_weights(run / "ctrl.safetensors")[1]["base"] == base_hash(load_sd(pipe_dir))  # `export` checks it
     assert main(["sample", *args, "--ckpt", str(run / "ctrl.safetensors"), "--y", "jpeg4=0", "--c", "1",
                  "-n", "2", "--out", str(tmp_path / "s")]) == 0
     images = load_weights(tmp_path / "s" / "samples.safetensors")[0]["images"]

@@ -1,4 +1,5 @@
-"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate | bench | export-digits."""
+"""ctrldiff command line: demo | pretrain | classifier | finetune | sample | evaluate | bench | export-digits |
+export."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from .io import CtrlDiffError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help=f"named settings: {', '.join(sorted(C.PRESETS))} (default: default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, JSON value, repeatable (e.g. --set rl.steps=100)")
+    _settings(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<command>-<preset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     _device(p)
+
+
+def _settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help=f"named settings: {', '.join(sorted(C.PRESETS))} (default: default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, JSON value, repeatable (e.g. --set rl.steps=100)")
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -402,6 +407,19 @@ def cmd_export_digits(args) -> None:
     print(f"wrote {args.n} PNGs to {out}/ ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
 
 
+def cmd_export(args) -> None:
+    import shlex
+
+    from .export import export
+
+    flags = [*(w for y in args.y for w in ("--y", y)), *(["--all-y"] if args.all_y else []),
+             *(["--preset", args.preset] if args.preset else []), *(w for o in args.overrides for w in ("--set", o))]
+    command = shlex.join(["ctrldiff", "export", "--model", str(args.model), "--ckpt", str(args.ckpt), *flags,
+                          "--out", str(args.out)])
+    info = export(args.ckpt, args.model, args.out, args.y, args.all_y, _cfg(args), args.overwrite, command)
+    print(f"wrote {args.out}/: a {info['pipeline']} ({args.out}/README.md says how to sample it)")
+
+
 def cmd_demo(args) -> None:
     from .methods import build_method
     from .pipeline import check_finetune, controls_of, results_table, run_evaluate
@@ -530,6 +548,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "sub-folders (default thickness2: thin/, thick/)")
     p.add_argument("-n", type=int, default=1000, help="digits to write (a subset drawn by `seed`; default 1000)")
     p.set_defaults(fn=cmd_export_digits)
+
+    p = sub.add_parser("export", help="a fine-tuned model as a standard diffusers pipeline folder (LoRA merged, "
+                                      "the control folded in) that samples without ctrldiff")
+    p.add_argument("--model", type=Path, required=True, metavar="DIR",
+                   help="the local diffusers folder it was fine-tuned on: a UNet2DModel pipeline or Stable Diffusion")
+    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint of `ctrldiff finetune` (ctrl.safetensors)")
+    p.add_argument("--y", action="append", default=[], metavar="CONTROL=LABEL",
+                   help="the class of a control, repeatable (a control left out is null): a plain UNet")
+    p.add_argument("--all-y", action="store_true",
+                   help="every (c, y) in the UNet's class table, through class_labels (UNet2DModel bases)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the pipeline folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _settings(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")
     p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run in turn")

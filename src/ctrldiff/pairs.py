@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .io import CtrlDiffError, read_json, write_json
+from .io import CtrlDiffError, atomic_dir, read_json, write_json
 from .tasks.controls import BUILTIN, Control, get_control, register
 
 CSV_NAME = "labels.csv"
@@ -313,10 +313,6 @@ def image_shape(backend) -> tuple[int, int, int]:
 def export_digits(out: Path, control: Control, n: int, cfg, overwrite: bool = False) -> dict[str, int]:
     """n training digits (a subset drawn by `seed`) as PNGs in one sub-folder per class of a labelled control:
     pairs on disk to try `--pairs` with. Written to a temporary folder and renamed: never half-written."""
-    import os
-    import shutil
-    import tempfile
-
     from .tasks.mnist import load_digits, to_unit
 
     out = Path(out)
@@ -331,16 +327,8 @@ def export_digits(out: Path, control: Control, n: int, cfg, overwrite: bool = Fa
     images = to_unit(d.x[idx])
     y = control.label(images)
     names = control.class_names or tuple(str(k) for k in range(control.num_classes))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for i, (im, k) in enumerate(zip(images, y.tolist())):
             (tmp / names[k]).mkdir(exist_ok=True)
             Image.fromarray((im[0] * 255).round().to(torch.uint8).numpy()).save(tmp / names[k] / f"{i:05d}.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {names[k]: int(v) for k, v in enumerate(torch.bincount(y, minlength=control.num_classes)) if v}

@@ -34,6 +34,7 @@ from .target import (
     bank_log_probs,
     bank_log_z,
     bank_reward_table,
+    base_hash,
     load_bank,
     on_trusted,
     target_metrics,
@@ -195,7 +196,8 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
     model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                               "gammas": cfg.rl.controls, "summary": summary["seconds"],
                                               "estimator": cfg.rl.estimator,
-                                              "defined_controls": defined(model.controls)})
+                                              "defined_controls": defined(model.controls),
+                                              "base": base_hash(backend)})  # `ctrldiff export` checks it
     records = run.records()
     keys = sorted({k for r in records for k in r})
     panels = {"accuracy, monitoring batch": [k for k in keys if k.startswith("acc_")],

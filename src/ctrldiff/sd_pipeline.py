@@ -15,6 +15,7 @@ from .io import CtrlDiffError, load_weights, read_meta, save_weights, write_json
 from .pairs import defined
 from .rl import RewardTerm, finetune
 from .rl.scale import make_accelerator
+from .target import base_hash
 
 
 def sd_backend(cfg: Config, device=None):
@@ -169,6 +170,7 @@ def finetune_sd(cfg: Config, make_run, classifiers: Path | None = None, progress
     if run is not None:
         model.save(run.path("ctrl.safetensors"), {"method": "ctrl", "resolution": cfg.data.resolution,
                                                   "sd_resolution": backend.resolution, "summary": summary["seconds"],
-                                                  "defined_controls": defined(model.controls)})
+                                                  "defined_controls": defined(model.controls),
+                                                  "base": base_hash(backend)})  # `ctrldiff export` checks it
     accelerator.wait_for_everyone()
     return model, backend
