@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from ctrldiff.cli import main
 
@@ -23,19 +25,23 @@ def test_demo_writes_a_complete_run_folder(demo_dir):
         assert (demo_dir / name).is_file(), name
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     assert set(metrics) == {"base", "target", "ctrl"}
-    rows = [line.split(" | ")[0] for line in (demo_dir / "metrics.md").read_text().splitlines() if line.startswith("| ")]
+    tables = (demo_dir / "metrics.md").read_text().split("\n\n")
+    rows = [line.split(" | ")[0] for line in tables[0].splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| base", "| target", "| ctrl"]  # the target right after the base
+    assert "log Z − J" in (demo_dir / "metrics.md").read_text() and "monitor acc" in tables[0]
     for m in metrics.values():
         assert 0 <= m["compress4"]["accuracy"] <= 1 and len(m["compress4"]["confusion"]) == 4
-        assert m["mean_kl"] >= 0
+        assert m["mean_kl"] >= 0 and 0 <= m["monitor_accuracy"] <= 1
     assert metrics["base"]["mean_kl"] == 0 and metrics["ctrl"]["seconds_per_sample"] > 0  # the base against itself
-    assert metrics["base"]["gap"] >= 0  # Jensen: the base's J = E[gamma log p̂] <= log Z
-    assert metrics["target"]["objective"] == metrics["target"]["log_z"]  # the target's J is the optimum
-    assert metrics["ctrl"]["log_z"] == metrics["base"]["log_z"]  # log Z of the same requests
+    for part in ("trusted", "all"):  # J, log Z and the KL over the same requests in every row
+        y = {name: metrics[name]["yardstick"][part] for name in metrics}
+        assert y["base"]["requests"] == y["ctrl"]["requests"] == y["target"]["requests"] > 0
+        assert y["base"]["log_z"] == y["ctrl"]["log_z"] == y["target"]["J"]  # the target's J is the optimum
+        assert y["base"]["kl"] == 0 and y["base"]["gap"] > 0  # Jensen: the base's J = E[gamma log p̂] < log Z
     config = json.loads((demo_dir / "config.json").read_text())
     assert config["name"] == "tiny" and config["device"] == "cpu"  # "auto", resolved on this GPU-less machine
-    assert all("gap" in r for r in map(json.loads, (demo_dir / "metrics.jsonl").read_text().splitlines())
-               if "reward" in r)  # the convergence meter, every CTRL step
+    assert all("gap" in r and "gap_all" in r for r in map(json.loads, (demo_dir / "metrics.jsonl").read_text()
+               .splitlines()) if "reward" in r)  # the convergence meters, every CTRL step
 
 
 def test_sample_and_evaluate_from_a_checkpoint(demo_dir, tmp_path):
@@ -83,8 +89,8 @@ def test_evaluate_the_target_and_ctrl_beside_it(demo_dir, tmp_path):
     assert main(["evaluate", "--preset", "tiny", "--ckpt", str(demo_dir / "ctrl.safetensors"), "--classifiers",
                  str(demo_dir), "--out", str(tmp_path / "c")]) == 0
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
-    assert set(metrics) == {"base", "target", "ctrl"} and "gap" in metrics["ctrl"]
-    assert (tmp_path / "c" / "target-vs-ctrl.png").is_file() and "log Z - J" in (tmp_path / "c" / "metrics.md").read_text()
+    assert set(metrics) == {"base", "target", "ctrl"} and "gap" in metrics["ctrl"]["yardstick"]["all"]
+    assert (tmp_path / "c" / "target-vs-ctrl.png").is_file() and "log Z − J" in (tmp_path / "c" / "metrics.md").read_text()
 
 
 def test_bad_label_and_corrupt_checkpoint(demo_dir, tmp_path):
@@ -129,3 +135,30 @@ def test_cfg_baseline_trains_and_samples_from_the_cli(tmp_path):
     assert (tmp_path / "s" / "samples.png").is_file()
     r = _cli("sample", "--preset", "tiny", "--ckpt", ckpt, "--out", str(tmp_path / "s2"))  # --method ctrl
     assert r.returncode == 2 and "trained by 'cfg', not 'ctrl'; pass --method cfg" in r.stderr
+
+
+def library_example() -> str:
+    """The README's library example: the first python block under its "Library" heading."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split("## Library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_library_example_runs_as_written(monkeypatch, tmp_path):
+    """Run at a tiny size (the preset's counts patched down), on the shipped base: it fine-tunes, samples the
+    chain it was trained on (the base's last step) and estimates the target."""
+    from ctrldiff import config
+
+    def small():
+        cfg = config.tiny()
+        cfg.sampler.steps, cfg.rl.steps, cfg.rl.batch, cfg.rl.monitor_every, cfg.target.per_c = 3, 2, 4, 0, 5
+        return cfg
+
+    monkeypatch.setattr(config, "default", small)
+    monkeypatch.setenv("CTRLDIFF_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    ns = {"my_images": torch.rand((64, 1, 16, 16), generator=g) * 2 - 1, "my_labels": torch.arange(64) % 2}
+    code = library_example()
+    assert "final=model.final(backend)" in code
+    exec(compile(code, "README.md (Library)", "exec"), ns)  # noqa: S102 - the README's own example, as written
+    assert ns["images"].shape == (16, 1, 16, 16) and ns["model"].final_step == "base"
+    assert torch.isfinite(ns["est"].log_z.table).all() and len(ns["est"].ess) == 20

@@ -71,7 +71,8 @@ class RLConfig:
     lr_schedule: str = "cosine"  # both rates decay to zero over rl.steps; or "constant" (docs/tuning.md)
     clip: float = 5.0  # grad-norm clip
     truncate: int | str | None = None  # None = full back-propagation; last-K steps (int) or "random" (the official
-    # scheme): its biased gradient stalled log Z - J at 10-13 nats where full reaches ~1 (docs/tuning.md, ctrl-tuning)
+    # scheme): its biased gradient stalled log Z - J at 10-14 nats on the trusted requests where full back-propagation
+    # reached 3-5 in 200 steps (docs/tuning.md, ctrl-tuning)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier; 0 = never
     checkpoint_every: int = 10  # steps between checkpoints (--resume; ~20 s of work at the default)
@@ -190,6 +191,7 @@ def tiny() -> Config:
     cfg.eval.per_class = 4
     cfg.target.per_c, cfg.classifier.base_pairs = 20, 40
     cfg.target.min_ess = 1.0  # a 20-sample bank: every request counts (no cell reaches 30)
+    cfg.target.paths, cfg.target.min_path_ess = 2, 1.0  # two meter paths per request
     return cfg
 
 
