@@ -122,17 +122,21 @@ def test_a_short_adjoint_fine_tune_lowers_the_meter_on_2d_mixtures():
     assert sum(gaps[-10:]) < 0.5 * sum(gaps[:10]), gaps
 
 
-def test_regressed_steps_are_the_stochastic_ones_or_a_random_subset():
+def test_regressed_steps_are_the_stochastic_ones_or_a_random_subset_in_groups():
     traj = type("T", (), {"stds": [torch.ones(1)] * 4 + [torch.zeros(1)]})()
     g = torch.Generator().manual_seed(0)
-    assert regressed_steps(traj, None, g) == [0, 1, 2, 3] and regressed_steps(traj, 9, g) == [0, 1, 2, 3]
-    two = regressed_steps(traj, 2, g)
+    assert regressed_steps(traj, None, g) == [[0, 1, 2, 3]] and regressed_steps(traj, 9, g) == [[0, 1, 2, 3]]
+    (two,) = regressed_steps(traj, 2, g)
     assert len(two) == 2 and set(two) < {0, 1, 2, 3}
+    halves = regressed_steps(traj, None, g, groups=2)
+    assert sorted(halves[0] + halves[1]) == [0, 1, 2, 3] and all(len(h) == 2 for h in halves)
+    assert len(regressed_steps(traj, 3, g, groups=9)) == 3  # never an empty group
 
 
 def test_adjoint_resume_is_bit_identical_and_the_settings_are_recorded(tiny_backend, tmp_path):
     cfg = tiny()
-    cfg.rl.steps, cfg.rl.monitor_every, cfg.rl.estimator, cfg.rl.adjoint_steps = 6, 100, "adjoint", 2
+    cfg.rl.steps, cfg.rl.monitor_every, cfg.rl.estimator, cfg.rl.adjoint_steps = 6, 100, "adjoint", 3
+    cfg.rl.adjoint_updates = 2
     term = _brightness_task(tiny_backend, cfg)
     whole, _ = finetune(tiny_backend, [term], cfg, progress=False)
 

@@ -85,6 +85,7 @@ class RLConfig:
     estimator: str = "backprop"  # "backprop": the paper's back-propagation through the chain (Algorithm 2);
     # "adjoint": Adjoint Matching, a regression onto the lean adjoint (rl/adjoint.py; needs final_step "base")
     adjoint_steps: int | None = None  # "adjoint": the stochastic steps regressed per rollout, drawn at random; null = all
+    adjoint_updates: int = 1  # "adjoint": optimiser updates per rollout, each on its share of the regressed steps
 
 
 @dataclass
@@ -319,7 +320,7 @@ LIMITS = {
     "classifier.checkpoint_every": (1, None), "classifier.width": (8, 512), "classifier.base_pairs": (0, None),
     "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, 10),
     "rl.lr_emb": (0, 10), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (0, None),
-    "rl.checkpoint_every": (1, None),
+    "rl.checkpoint_every": (1, None), "rl.adjoint_updates": (1, None),
     "triplets.steps": (1, None), "triplets.batch": (1, None), "triplets.lora_rank": (0, None),
     "triplets.lr_lora": (0, 10), "triplets.lr_emb": (0, 10), "triplets.weight_decay": (0, None),
     "triplets.p_uncond": (0, 1), "triplets.checkpoint_every": (1, None),

@@ -72,10 +72,11 @@ def rollout(model, backend, x_T: Tensor, cond: Cond, steps: int, eta: float, g: 
     return traj, lean_adjoints(backend, traj, cond, reward)
 
 
-def regressed_steps(traj: Trajectory, count: int | None, g: torch.Generator) -> list[int]:
-    """The stochastic steps whose control is regressed this rollout: all, or `count` of them drawn uniformly."""
+def regressed_steps(traj: Trajectory, count: int | None, g: torch.Generator, groups: int = 1) -> list[list[int]]:
+    """The stochastic steps whose control is regressed this rollout (all, or `count` drawn uniformly), split at
+    random into `groups` parts: one optimiser update each (a few updates per rollout, the rollout being the cost)."""
     stochastic = [i for i, s in enumerate(traj.stds) if bool((s > 0).all())]
-    if count is None or count >= len(stochastic):
-        return stochastic
-    pick = torch.randperm(len(stochastic), generator=g)[:count]
-    return sorted(stochastic[int(k)] for k in pick)
+    order = [stochastic[int(k)] for k in torch.randperm(len(stochastic), generator=g)]
+    picked = order[: len(stochastic) if count is None else min(count, len(stochastic))]
+    parts = min(groups, len(picked))
+    return [sorted(picked[k::parts]) for k in range(parts)]

@@ -150,28 +150,32 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
             x = backend.classifier_input(traj.x0)
             log_probs = {t.control.name: t.classifier.log_prob(x, cond.y[t.control.name]) for t in terms}
             loss, stats, j = ctrl_objective(traj, log_probs, gammas, rc.kl)
-        else:  # Adjoint Matching: a rollout without a graph, the lean adjoint, a regression
+            losses = [lambda loss=loss: loss]
+        else:  # Adjoint Matching: a rollout without a graph, the lean adjoint, a regression per update
             traj, adj = adjoint.rollout(model, backend, x_T, cond, sc.steps, sc.eta, g, partial(reward, cond=cond))
-            steps = adjoint.regressed_steps(traj, rc.adjoint_steps, g)
             stochastic = sum(bool((s > 0).all()) for s in traj.stds)
-            loss = adjoint.matching_loss(model, backend, traj, cond, adj, steps, stochastic / len(steps))
+            losses = [partial(adjoint.matching_loss, model, backend, traj, cond, adj, group, stochastic / len(group))
+                      for group in adjoint.regressed_steps(traj, rc.adjoint_steps, g, rc.adjoint_updates)]
             with torch.no_grad():
                 r, kl = reward(traj.x0, cond), traj.path_kl()
             j = r - kl
-            stats = {"loss": loss.item(), "reward": r.mean().item(), "kl": kl.mean().item()}
+            stats = {"reward": r.mean().item(), "kl": kl.mean().item()}
         if meter_on:  # the convergence meter: log Z - J on this batch, trusted requests and every request
             with torch.no_grad():
                 idx = request_index(cond, controls)
                 paths.add(idx, j + traj.path_kl() + traj.log_ratio())  # log w = reward + log dP_pre/dP_theta
             stats["gap"] = meter(log_z, cond, controls, j)
             stats["gap_all"] = all_request_meter(log_z, paths, cond, controls, j)
-        # --- update the new parameters only
-        scale.backward(loss, accelerator)
-        grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)
-        check_finite(step, loss.item(), grad_norm, ckpt)  # before the step: the last checkpoint stays good
+        # --- update the new parameters only (Adjoint Matching: once per group of regressed steps)
         set_lr(opt, base_lrs, rc.lr_schedule, step, rc.steps)
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
+        for loss_of in losses:
+            loss = loss_of()
+            scale.backward(loss, accelerator)
+            grad_norm = scale.sync_and_clip(params, rc.clip, accelerator)
+            check_finite(step, loss.item(), grad_norm, ckpt)  # before the step: the last checkpoint stays good
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # after the step: an accumulation cycle keeps its gradients
+        stats.setdefault("loss", loss.item())
         # --- maintenance: monitor with the oracle and an independent classifier
         stats.update(step=step, grad_norm=grad_norm, seconds=ckpt.seconds())
         stats.update({f"lr/{k}": grp["lr"] for k, grp in zip(("emb", "lora"), opt.param_groups)})
