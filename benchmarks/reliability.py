@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from ctrldiff.io import write_section
 
 TESTS = ROOT / "tests" / "test_hardening.py"
 COUNTS = ("processes", "kills", "examples")
+TMP = re.escape(tempfile.gettempdir()) + r"/\S*"  # temp paths in failure messages: noise in the table
 
 LOCK_NEVER_RELEASED = '''def _locked(path: Path):  # a lock file only its holder removes: a killed holder's stays
     lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -66,6 +69,11 @@ MUTANTS = [
     ("pairs: PIL's pixel limit only warns below twice the limit", "pairs.py",
      'warnings.simplefilter("error", Image.DecompressionBombWarning)',
      'warnings.simplefilter("default", Image.DecompressionBombWarning)', "image_folders"),
+    ("pairs: only OSError/ValueError caught from PIL (a bomb over twice the limit raises another)", "pairs.py",
+     "    except Exception as e:  # noqa: BLE001 - whatever PIL raises on a damaged or hostile file",
+     "    except (OSError, ValueError) as e:  # whatever PIL raises on a damaged or hostile file", "image_folders"),
+    ("CLI: control characters of a file name not escaped (a newline splits the error)", "cli.py",
+     'return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)', "return message", "image_folders"),
     ("pairs: non-regular files opened (a pipe blocks)", "pairs.py", "    if not path.is_file():  # opening a named",
      "    if False:  # opening a named", "image_folders"),
     ("CSV: read without dropping a BOM", "pairs.py", 'encoding="utf-8-sig"', 'encoding="utf-8"', "csv"),
@@ -76,6 +84,14 @@ MUTANTS = [
     ("arrays: only OSError/ValueError caught while reading", "pairs.py",
      "    except Exception as e:  # noqa: BLE001 - whatever numpy, zipfile or safetensors raise: a damaged file",
      "    except (OSError, ValueError) as e:", "array_files"),
+    ("arrays: object arrays unpickled", "pairs.py", "d = np.load(path, allow_pickle=False)",
+     "d = np.load(path, allow_pickle=True)", "array_files"),
+    ("arrays: an .npy read as if it were an .npz", "pairs.py", "if not isinstance(d, np.lib.npyio.NpzFile):",
+     "if False:", "array_files"),
+    ("arrays: x's dtype not checked (floats, NaN)", "pairs.py", "    if x.dtype != np.uint8:", "    if False:",
+     "array_files"),
+    ("arrays: y's length not checked", "pairs.py", "    if y.ndim != 1 or len(y) != len(x):", "    if False:",
+     "array_files"),
     ("arrays: empty images not refused", "pairs.py", "    if 0 in x.shape[1:3]:", "    if False:", "array_files"),
     ("labels: empty classes found by bincount (a label 10^12 allocates terabytes)", "pairs.py",
      "empty = next(i for i in range(len(present) + 1) if i not in present)",
@@ -90,12 +106,17 @@ MUTANTS = [
      "            pass", "oracle"),
     ("resume: inputs.json not read back", "cli.py", "    if resume is not None:\n        _recall(args)",
      "    if False:\n        _recall(args)", "killed_pairs or killed_model"),
+    ("resume: inputs.json not checked", "cli.py",
+     "    if not isinstance(recorded, dict) or any(k not in RESUMED or not isinstance(v, str) for k, v in recorded",
+     "    if False:  #", "not_the_same_run"),
     ("resume: the pairs' sha256 not compared", "cli.py", "        _check_unchanged(args.resume, made)",
      "        pass", "not_the_same_run"),
     ("resume: arguments given again not compared", "cli.py",
      "if key in given and given[key] != recorded.get(key):", "if False:", "not_the_same_run"),
     ("config.json: not checked to be an object", "runs.py", "        if not isinstance(d, dict):",
      "        if False:", "corrupt"),
+    ("config.json: its errors not prefixed with its path", "runs.py", 'raise CtrlDiffError(f"{path}: {e}") from None',
+     "raise", "corrupt"),
     ("controls.json: not checked", "pairs.py",
      'bad = next((k for k, d in defs.items() if not _sound(k, d)), None) if isinstance(defs, dict) else "?"',
      "bad = None", "corrupt"),
@@ -105,7 +126,7 @@ MUTANTS = [
      "            if self.tracker is not None:\n                self.tracker.start()",
      "            if False:\n                self.tracker.start()", "mlflow or cannot_start"),
     ("trackers: a start failure not caught", "tracking.py",
-     "            except Exception as e:  # noqa: BLE001", "            except CtrlDiffError as e:",
+     "            except Exception as e:  # noqa: BLE001", "            except CtrlDiffError as e:  #",
      "mlflow or cannot_start"),
     ("trackers: an overwritten run deleted, not put aside", "runs.py", "            os.replace(self.dir, old)",
      "            shutil.rmtree(self.dir)", "cannot_start"),
@@ -136,7 +157,7 @@ def cases(xml: Path) -> list[dict]:
         bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
         props = {p.get("name"): int(p.get("value")) for p in case.iter("property")}
         out.append({"name": case.get("name"), "outcome": "passed" if bad is None else bad.tag,
-                    "message": "" if bad is None else " ".join((bad.get("message") or "").split())[:100],
+                    "message": "" if bad is None else " ".join(re.sub(TMP, "…", bad.get("message") or "").split())[:100],
                     "seconds": float(case.get("time")), **{k: props.get(k, 0) for k in COUNTS}})
     return out
 

@@ -114,6 +114,7 @@ def test_three_processes_share_one_bank_build_and_a_killed_builder_is_recovered(
         _wait(lambda: (marks / "writing").exists() or first.poll() is not None, "the first process to write")
         waiting = [spawn("normal", i) for i in (1, 2)]
         _wait(lambda: (waits(1) and waits(2)) or any(p.poll() is not None for p in waiting), "both to wait")
+        assert waits(1) and waits(2), "the others did not wait for the builder"
         first.send_signal(signal.SIGKILL)
         assert first.wait() == -signal.SIGKILL
         count(request, "kills")
