@@ -101,11 +101,12 @@ def _bad(tmp_path):
     Image.new("L", (4, 4)).save(broken / "a" / "ok.png")
     (broken / "a" / "notes.txt").write_text("not an image")
     cases["non-image"] = (broken, ["notes.txt is not a readable image"])
-    for name, rows in [("missing", [["gone.png", "0"]]), ("outside", [["x.png", "0"], ["x.png", "2"]]),
-                       ("mixed", [["x.png", "cat"], ["x.png", "3"]])]:
+    for name, rows in [("missing", [["gone.png", "0"]]), ("outside", [["x.png", "0"], ["y.png", "2"]]),
+                       ("mixed", [["x.png", "cat"], ["y.png", "3"]])]:
         d = tmp_path / name
         d.mkdir()
         Image.new("L", (4, 4)).save(d / "x.png")
+        Image.new("L", (4, 4)).save(d / "y.png")
         (d / "labels.csv").write_text("file,label\n" + "".join(f"{a},{b}\n" for a, b in rows))
     cases["missing"] = (tmp_path / "missing", ["row 2 names a missing file 'gone.png'"])
     cases["outside"] = (tmp_path / "outside", ["label 2", "outside the classes 0..1"])

@@ -49,10 +49,10 @@ def finetuned(classifiers, tmp_path_factory) -> Path:
     return out
 
 
-def _kill_during(argv: list[str], out: Path, stage: str, step: int) -> None:
-    """Run the CLI in a subprocess and SIGKILL it once `stage`'s checkpoint has reached `step`."""
+def _kill_during(argv: list[str], out: Path, stage: str, step: int, env: dict | None = None) -> None:
+    """Run the CLI in a subprocess (environment `env`) and SIGKILL it once `stage`'s checkpoint reaches `step`."""
     proc = subprocess.Popen([sys.executable, "-m", "ctrldiff.cli", *argv, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckpt = out / "checkpoints" / f"{stage}.safetensors"
     while proc.poll() is None:
         if ckpt.exists() and read_meta(ckpt)["step"] >= step:

@@ -50,20 +50,25 @@ class Classifier(nn.Module):
                                                "model": self.net.config, **(extra or {})})
 
     @classmethod
-    def load(cls, path, name: str | None = None) -> Classifier:
-        state, meta = _checked(path, "classifier", "a classifier checkpoint", name)
+    def load(cls, path, name: str | None = None, num_classes: int | None = None) -> Classifier:
+        state, meta = _checked(path, "classifier", "a classifier checkpoint", name, num_classes)
         clf = cls(SmallCNN(**meta["model"]), meta.get("name", ""))
         load_state(clf, state, path)
         return clf.eval().requires_grad_(False)
 
 
-def _checked(path, kind: str, what: str, name: str | None) -> tuple[dict, dict]:
-    """A classifier file's tensors and metadata, after checking its kind and (if given) its control's name."""
+def _checked(path, kind: str, what: str, name: str | None, num_classes: int | None = None) -> tuple[dict, dict]:
+    """A classifier file's tensors and metadata, after checking its kind and (if given) its control's name and
+    number of classes (an edited control definition must not meet classifiers of another K)."""
     state, meta = load_weights(path)
     if meta.get("kind") != kind:
         raise CtrlDiffError(f"{path} is not {what} (kind={meta.get('kind')!r})")
     if name is not None and meta.get("name") != name:
         raise CtrlDiffError(f"{path} is a classifier for {meta.get('name')!r}, not {name!r}")
+    k = (meta.get("model") or {}).get("num_classes")
+    if num_classes is not None and k != num_classes:
+        raise CtrlDiffError(f"{path} has {k} classes, but control {name!r} is defined with {num_classes}: the "
+                            "control's definition (controls.json) and its classifiers disagree")
     return state, meta
 
 
@@ -219,8 +224,8 @@ class NoisyClassifier(nn.Module):
                                                "num_train_timesteps": self.num_train_timesteps, **(extra or {})})
 
     @classmethod
-    def load(cls, path, name: str | None = None) -> NoisyClassifier:
-        state, meta = _checked(path, "noisy_classifier", "a noise-aware classifier", name)
+    def load(cls, path, name: str | None = None, num_classes: int | None = None) -> NoisyClassifier:
+        state, meta = _checked(path, "noisy_classifier", "a noise-aware classifier", name, num_classes)
         clf = cls(SmallCNN(**meta["model"]), meta["num_train_timesteps"], meta.get("name", ""))
         load_state(clf, state, path)
         return clf.eval().requires_grad_(False)

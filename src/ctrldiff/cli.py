@@ -100,12 +100,46 @@ def _resume(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run from its last checkpoint (same --preset/--set, or none)")
 
 
+INPUTS = "inputs.json"  # in a run folder: the command's arguments that are not config, for --resume
+RESUMED = {"method": str, "classifiers": Path, "base": Path, "pairs": Path, "control": str, "classes": str,
+           "oracle": str}  # those arguments, by type
+
+
+def _inputs(args) -> dict:
+    """The arguments of RESUMED this command was given (paths absolute, so a resume may run from elsewhere)."""
+    given = {k: getattr(args, k, None) for k in RESUMED}
+    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
+
+
+def _recall(args) -> None:
+    """--resume: the arguments the run recorded (inputs.json) stand in for those not given again; one given
+    again must be the one recorded (a run with other classifiers, pairs or method would not be this run)."""
+    from .io import read_json
+
+    path = args.resume / INPUTS
+    if not path.is_file():  # a run from before inputs.json: what is given is used as it is
+        return
+    recorded = read_json(path)
+    if not isinstance(recorded, dict) or any(k not in RESUMED or not isinstance(v, str) for k, v in recorded.items()):
+        raise CtrlDiffError(f"{path} is damaged: expected {{argument: text}} for arguments among {sorted(RESUMED)}")
+    given = _inputs(args)
+    for key, kind in RESUMED.items():
+        if key in given and given[key] != recorded.get(key):
+            was = f"--{key} {recorded[key]}" if key in recorded else f"no --{key}"
+            raise CtrlDiffError(f"--resume {args.resume}: the run was started with {was}, not --{key} {given[key]}; "
+                                f"drop --{key} (a resume reuses the run's own)")
+        if key in recorded:
+            setattr(args, key, kind(recorded[key]))
+
+
 def _cfg(args) -> C.Config:
     resume = getattr(args, "resume", None)
+    if resume is not None:
+        _recall(args)
     if resume is not None and args.preset is None and not args.overrides:  # the run's own settings
-        from .io import read_json
+        from .runs import read_config
 
-        return _resolved(C.from_dict(read_json(resume / "config.json")))
+        return _resolved(read_config(resume))
     default = "sd_compress4" if _model_kind(args) == "sd" else "default"
     cfg = _resolved(C.apply_overrides(C.preset(args.preset or default),
                                       [*args.overrides, *_device_override(args), *_sd_overrides(args)]))
@@ -123,10 +157,13 @@ def _out(args, command: str) -> Path:
 
 def _run(args, command: str, cfg: C.Config):
     """The run folder: a new one, or with --resume the interrupted one (its checkpoints say where to go on)."""
+    from .io import write_json
     from .runs import Run
 
     if getattr(args, "resume", None) is None:
-        return Run(_out(args, command), cfg, args.overwrite, report_to=args.report_to)
+        run = Run(_out(args, command), cfg, args.overwrite, report_to=args.report_to)
+        write_json(run.path(INPUTS), _inputs(args))
+        return run
     if args.out is not None or args.overwrite:
         raise CtrlDiffError("--resume continues a run in its own folder; drop --out and --overwrite")
     return Run(args.resume, cfg, resume=True, report_to=args.report_to)
@@ -174,8 +211,21 @@ def _user_pairs(args, cfg, backend) -> dict:
             raise CtrlDiffError(f"--oracle {args.oracle!r}: write {name}=module:function")
     data = load_pairs(path, image_shape(backend), args.classes.split(",") if args.classes else None)
     split = split_pairs(data, seed=cfg.data.split_seed)
-    define(definition(name, data, path, oracle))
+    made = definition(name, data, path, oracle)
+    if getattr(args, "resume", None) is not None:
+        _check_unchanged(args.resume, made)
+    define(made, probe=data.x)
     return {name: split}
+
+
+def _check_unchanged(run: Path, made: dict) -> None:
+    """--resume: the pairs must be those the run started from (the sha256 of what was read, in its controls.json)."""
+    from .pairs import read_definitions
+
+    was = read_definitions(run).get(made["name"], {})
+    if was.get("sha256") not in (None, made["sha256"]):
+        raise CtrlDiffError(f"--resume {run}: the pairs in {made['source']} changed since the run started (sha256 "
+                            f"{was['sha256'][:12]}..., now {made['sha256'][:12]}...); restore them or start a new run")
 
 
 def _check_digit_controls(cfg, backend, pairs: dict) -> None:
@@ -210,8 +260,8 @@ def cmd_classifier(args) -> None:
     pairs = _user_pairs(args, cfg, backend)
     _check_digit_controls(cfg, backend, pairs)
     run = _run(args, "classifier", cfg)
+    save_definitions(run.dir, pairs)  # before any work: a resume checks its pairs against it
     _, reports = fit_reward_terms(cfg, run, noisy=cfg.sd.model is None, pairs=pairs)  # SD: x_t are latents
-    save_definitions(run.dir, pairs)
     for name, r in reports.items():
         h = r["heldout"]
         noisy = ", ".join(f"{k} {v:.2f}" for k, v in r.get("noise_aware_heldout_accuracy", {}).items())
@@ -225,8 +275,8 @@ def _finetune(cfg, run, classifiers: Path | None, base: Path | None, backend=Non
     from .pipeline import backend_for, fit_reward_terms, load_reward_terms, run_finetune
 
     backend = backend or backend_for(cfg, base)
+    save_definitions(run.dir, pairs or {})  # before any work: a resume checks its pairs against it
     terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run, pairs=pairs)[0]
-    save_definitions(run.dir, pairs or {})
     return run_finetune(cfg, run, terms, backend)[0], backend, terms
 
 
@@ -235,6 +285,7 @@ def cmd_finetune(args) -> None:
     from .pipeline import backend_for, check_finetune, controls_of, run_cfg_finetune
 
     cfg = _cfg(args)
+    args.method = args.method or "ctrl"  # after _cfg: a resume reuses the run's own method
     if args.method not in ("ctrl", "cfg"):
         raise CtrlDiffError(f"finetune --method {args.method!r}; choose ctrl (pairs, RL) or cfg (triplets, DSM)")
     if args.pairs is not None and (args.classifiers is not None or args.method == "cfg" or cfg.sd.model is not None):
@@ -283,7 +334,7 @@ def _parse_knobs(items: list[str]) -> dict:
 
 def _method(args, cfg):
     """The backend and the requested method, with cfg.rl.controls set to the controls it samples."""
-    from .io import read_meta
+    from .io import load_weights
     from .methods import check_knobs
     from .pairs import define, load_definitions
     from .pipeline import backend_for, method_for
@@ -294,7 +345,7 @@ def _method(args, cfg):
     if args.ckpt is not None:
         if args.method not in ("ctrl", "cfg", "ctrl_smc"):
             raise CtrlDiffError(f"--ckpt is for --method ctrl, ctrl_smc or cfg, not {args.method!r}")
-        meta = read_meta(args.ckpt)
+        meta = load_weights(args.ckpt)[1]  # checked against its sha256 before anything in it is used
         if meta.get("resolution", cfg.data.resolution) != cfg.data.resolution:
             raise CtrlDiffError(f"{args.ckpt} was fine-tuned at resolution {meta['resolution']}, the config asks "
                                 f"{cfg.data.resolution}; pass the matching --preset")
@@ -432,7 +483,7 @@ def cmd_demo(args) -> None:
         check_finetune(cfg)
     tables = []
     for name, cfg in cfgs.items():
-        run = Run(root / name, cfg, args.overwrite)
+        run = Run(root / name, cfg, args.overwrite, report_to=args.report_to)
         print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
         model, backend, terms = _finetune(cfg, run, None, None)
         ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
@@ -495,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="CTRL: KL-regularised RL fine-tuning of the augmented model "
                                         "(or, --method cfg, the CFG baseline on triplets)")
     _common(p)
-    p.add_argument("--method", default="ctrl", help="ctrl (pairs, RL; default) or cfg (triplets, score matching)")
+    p.add_argument("--method", help="ctrl (pairs, RL; default) or cfg (triplets, score matching)")
     p.add_argument("--classifiers", type=Path, help="a `ctrldiff classifier` run folder (default: fit them here)")
     p.add_argument("--base", type=Path, help="base checkpoint (default: the one shipped for the resolution)")
     _resume(p)
@@ -570,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
     _device(p)
+    _report(p)
     p.set_defaults(fn=cmd_demo)
     return parser
 

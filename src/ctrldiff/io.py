@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +21,12 @@ from safetensors.torch import load, save_file
 
 class CtrlDiffError(Exception):
     """A user-facing error: the CLI prints its one-line message and exits non-zero."""
+
+
+def reason(e: BaseException) -> str:
+    """What a one-line error quotes of an exception: its message's first line (its type if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextmanager
@@ -91,10 +101,22 @@ def read_json(path: str | Path) -> dict:
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """safetensors + JSON metadata (stored in the file's header), written atomically."""
+    """safetensors + JSON metadata (stored in the file's header), written atomically, with the sha256 of both
+    in the header: a file damaged or edited later is refused when it is loaded, never silently used."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    text = json.dumps(meta or {})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ctrldiff": json.dumps(meta or {})})
+        save_file(tensors, str(tmp), metadata={"ctrldiff": text, "sha256": _digest(tensors, text)})
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: str) -> str:
+    """sha256 of the metadata's text and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(meta.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_meta(path: str | Path) -> dict:
@@ -119,12 +141,56 @@ def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dic
         if len(data) < 8 or 8 + n > len(data):
             raise ValueError(f"{len(data)} bytes, truncated")
         header = json.loads(data[8:8 + n])
-        meta = json.loads((header.get("__metadata__") or {}).get("ctrldiff", "{}"))
+        stored = header.get("__metadata__") or {}
+        text = stored.get("ctrldiff", "{}")
+        meta = json.loads(text)
         if not isinstance(meta, dict):
             raise TypeError("its ctrldiff metadata is not a JSON object")
-        return (load(data) if tensors else {}), meta
+        if not tensors:
+            return {}, meta
+        state = load(data)
+        if "sha256" in stored and stored["sha256"] != _digest(state, text):  # older files have no digest
+            raise ValueError("its contents differ from the sha256 in its header (damaged or edited)")
+        return state, meta
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, AttributeError) as e:
-        raise CtrlDiffError(f"corrupt checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CtrlDiffError(f"corrupt checkpoint {path}: {reason(e)}") from None
+
+
+@contextmanager
+def _locked(path: Path):
+    """Hold an exclusive OS lock (flock) on `.<name>.lock` beside `path`. The kernel drops it when its holder's
+    process ends, however it ends: a killed holder leaves no stale lock. The lock file itself stays (removing it
+    would let a newcomer lock a new file while a waiter holds the old one)."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"waiting for process {f.read().strip() or '?'}, which is building {path}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(str(os.getpid()))  # for the message of the next waiter
+        f.flush()
+        yield
+
+
+def build_once(path: str | Path, build: Callable[[], dict[str, torch.Tensor]], meta: dict) -> tuple[dict, dict]:
+    """The safetensors file at `path` (tensors, metadata), built by `build` and saved with `meta` if it is missing,
+    by one process however many ask at once: the first to take the lock builds, the others wait and then read
+    what it wrote. Files appear by atomic rename, so no reader sees a partial one; a killed builder's lock is
+    gone with it, and its temp file is removed by the next builder."""
+    path = Path(path)
+    if not path.exists():
+        with _locked(path):
+            if not path.exists():  # not built while this process waited
+                for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # atomic_path's temp names
+                    stale.unlink()
+                save_weights(path, build(), meta)
+    return load_weights(path)
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

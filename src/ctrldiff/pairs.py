@@ -4,7 +4,11 @@ Three layouts: a folder with one sub-folder per class (ImageFolder; class names 
 `file,label` (the CSV itself, or a folder holding `labels.csv`; files relative to the CSV), or an `.npz` /
 `.safetensors` file with `x` (uint8 images) and `y` (labels). Every image goes through one conversion: PIL mode
 "L" (1 channel) or "RGB" (3), then a Lanczos (antialiased) resize to the base's size, stretching a non-square
-image to the base's aspect. All of it is read and checked before anything is written.
+image to the base's aspect. Before it: 16-bit grey keeps its high byte (as PIL reads 16-bit colour PNGs), what
+is transparent is composited onto black, an animation gives its first frame, CMYK is PIL's plain conversion;
+32-bit integer and float images (no fixed range) are refused, and so is an image over PIL's pixel limit (a
+decompression bomb), which PIL alone only warns about below twice the limit. All of it is read and checked
+before anything is written; a damaged or hostile file is a one-line error naming it.
 
 A control defined by pairs has no oracle unless the user names one (`--oracle NAME=module:function`); its
 definition (name, classes, class names, where its classifiers are) is stored in the classifier run folder
@@ -14,20 +18,25 @@ definition (name, classes, class names, where its classifiers are) is stored in 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import importlib
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from .io import CtrlDiffError, atomic_dir, read_json, write_json
+from .io import CtrlDiffError, atomic_dir, read_json, reason, write_json
 from .tasks.controls import BUILTIN, Control, get_control, register
 
 CSV_NAME = "labels.csv"
 DEFINITIONS = "controls.json"
+PROBE = 16  # pairs a user's oracle is tried on when its control is defined (a broken one fails before any work)
 HELDOUT_SHARE = 0.2  # of each class, held out to fit the independent monitor (the evaluation's judge)
 MIN_PAIRS = 10  # per fit (fit_classifier's own minimum), so the held-out share needs >= 10 too
 
@@ -44,26 +53,50 @@ class Pairs:
     def index(self, idx: Tensor) -> Pairs:
         return Pairs(self.x[idx], self.y[idx], self.class_names)
 
+    def digest(self) -> str:
+        """sha256 of what was read (images after conversion, labels, class names): a resumed run checks that
+        its pairs are still the ones it started from."""
+        h = hashlib.sha256(repr(self.class_names).encode())
+        for t in (self.x, self.y):
+            h.update(str(tuple(t.shape)).encode() + t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
 
 def to_model(image: Image.Image, shape: tuple[int, int, int]) -> Tensor:
     """One PIL image -> (C, H, W) in [-1, 1] at the base's channels and size."""
     c, h, w = shape
     if c not in (1, 3):
         raise CtrlDiffError(f"the base makes {c}-channel images; pairs from image files need 1 or 3 channels")
-    image = image.convert("L" if c == 1 else "RGB")
+    image = _eight_bit(image).convert("L" if c == 1 else "RGB")
     if image.size != (w, h):
         image = image.resize((w, h), Image.LANCZOS)
     arr = np.asarray(image, dtype=np.float32).reshape(h, w, c)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """The conversions PIL's own to L / RGB gets wrong or leaves open (module docstring)."""
+    if image.mode.startswith("I;16"):  # PIL would clip 16-bit grey at 255, not scale it
+        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save 8 or 16 bits per channel")
+    if image.has_transparency_data:  # PIL would drop alpha and show whatever colour the transparent pixels hold
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+    return image
+
+
 def read_image(path: Path, shape: tuple[int, int, int]) -> Tensor:
+    if not path.is_file():  # opening a named pipe would block; a link loop or a socket cannot be read
+        raise CtrlDiffError(f"{path} is not a regular file (a broken link or link loop, a pipe or a socket)")
     try:
-        with Image.open(path) as im:
-            return to_model(im, shape)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CtrlDiffError(f"{path} is not a readable image ({why})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
+            with Image.open(path) as im:
+                return to_model(im, shape)
+    except CtrlDiffError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on a damaged or hostile file is the file's problem
+        raise CtrlDiffError(f"{path} is not a readable image ({reason(e)})") from None
 
 
 def _classes(labels: list, class_names: list[str] | None, where: str) -> tuple[list[int], tuple[str, ...]]:
@@ -74,23 +107,26 @@ def _classes(labels: list, class_names: list[str] | None, where: str) -> tuple[l
         num = next(v for v in labels if not isinstance(v, str))
         raise CtrlDiffError(f"mixed label types in {where}: {text!r} (text) and {num!r} (integer); use one kind")
     if kinds == {str}:
+        if any(not v.strip() for v in labels):
+            raise CtrlDiffError(f"an empty label in {where}; give every pair a class")
         names = list(class_names) if class_names else sorted(set(labels))
         index = {n: i for i, n in enumerate(names)}
         bad = next((v for v in labels if v not in index), None)
         if bad is not None:
             raise CtrlDiffError(f"label {bad!r} in {where} is not one of the classes {names}")
-        ys = [index[v] for v in labels]
+        ys, k = [index[v] for v in labels], len(names)
     else:
         ys = [int(v) for v in labels]
         k = len(class_names) if class_names else max(ys) + 1
         bad = next((v for v in ys if not 0 <= v < k), None)
         if bad is not None:
             raise CtrlDiffError(f"label {bad} in {where} is outside the classes 0..{k - 1}")
-        names = list(class_names) if class_names else [str(i) for i in range(k)]
-    counts = np.bincount(ys, minlength=len(names))
-    if (counts == 0).any():
-        raise CtrlDiffError(f"class {names[int(np.argmin(counts))]!r} has no pairs in {where}")
-    return ys, tuple(names)
+        names = list(class_names) if class_names else None  # "0".."k-1" once k is known to be sane
+    present = set(ys)
+    empty = next(i for i in range(len(present) + 1) if i not in present)  # so a label like 10**12 costs nothing
+    if empty < k:
+        raise CtrlDiffError(f"class {names[empty] if names else str(empty)!r} has no pairs in {where}")
+    return ys, tuple(names or (str(i) for i in range(k)))
 
 
 def _parse_label(v: str) -> int | str:
@@ -120,21 +156,32 @@ def _image_folder(root: Path, shape, class_names) -> Pairs:
 
 
 def _csv(path: Path, shape, class_names) -> Pairs:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    """UTF-8 (a BOM, as Excel writes, is dropped), any line ending, quoted fields; surrounding spaces of a field
+    are ignored. A row repeated exactly is read once; a file listed again with another label is refused."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CtrlDiffError(f"cannot read {path} as a UTF-8 CSV ({reason(e)})") from None
     if not rows or [c.strip() for c in rows[0]] != ["file", "label"]:
         raise CtrlDiffError(f"{path}: the first row must be the header file,label")
-    files, labels = [], []
+    files, labels, seen = [], [], {}
     for i, row in enumerate(rows[1:], start=2):
         if not row:
             continue
         if len(row) != 2:
             raise CtrlDiffError(f"{path} row {i}: expected file,label, got {len(row)} fields")
-        file = path.parent / row[0].strip()
-        if not file.is_file():
-            raise CtrlDiffError(f"{path} row {i} names a missing file {row[0].strip()!r}")
-        files.append(file)
-        labels.append(_parse_label(row[1]))
+        name, label = row[0].strip(), _parse_label(row[1])
+        file = path.parent / name
+        if not os.path.lexists(file):
+            raise CtrlDiffError(f"{path} row {i} names a missing file {name!r}")
+        first, was = seen.setdefault(os.path.normpath(name), (i, label))
+        if first != i and was != label:
+            raise CtrlDiffError(f"{path} row {i} labels {name!r} {label!r}, row {first} labels it {was!r}; "
+                                "give each file one label")
+        if first == i:
+            files.append(file)
+            labels.append(label)
     if not files:
         raise CtrlDiffError(f"{path} lists no pairs")
     ys, names = _classes(labels, class_names, str(path))
@@ -144,15 +191,17 @@ def _csv(path: Path, shape, class_names) -> Pairs:
 def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as d:  # an object (pickled) array raises: never unpickled
+            d = np.load(path, allow_pickle=False)  # an object (pickled) array raises: never unpickled
+            if not isinstance(d, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive (a single .npy array?)")
+            with d:
                 arrays = {k: d[k] for k in ("x", "y") if k in d.files}
         else:
             from safetensors.numpy import load_file
 
             arrays = load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CtrlDiffError(f"cannot read {path}: {why}") from None
+    except Exception as e:  # noqa: BLE001 - whatever numpy, zipfile or safetensors raise: a damaged file
+        raise CtrlDiffError(f"cannot read {path}: {reason(e)}") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise CtrlDiffError(f"{path} lacks the array(s) {missing}; it needs x (uint8 images) and y (labels)")
@@ -172,6 +221,8 @@ def _array_file(path: Path, shape, class_names) -> Pairs:
         raise CtrlDiffError(f"{path}: y has shape {y.shape}; expected ({len(x)},), one label per image")
     if len(x) == 0:
         raise CtrlDiffError(f"{path} holds no pairs")
+    if 0 in x.shape[1:3]:
+        raise CtrlDiffError(f"{path}: x has shape {x.shape}; its images are empty")
     if y.dtype.kind not in "iuU":
         raise CtrlDiffError(f"{path}: y is {y.dtype}; labels must be integers or text")
     labels = [str(v) for v in y] if y.dtype.kind == "U" else [int(v) for v in y]
@@ -234,27 +285,60 @@ def resolve_oracle(spec: str):
         raise CtrlDiffError(f"oracle {spec!r} is not of the form module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise CtrlDiffError(f"oracle {spec!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way while it is imported
+        raise CtrlDiffError(f"oracle {spec!r} cannot be imported: {type(e).__name__}: {reason(e)}") from None
     if not callable(fn):
         raise CtrlDiffError(f"oracle {spec!r} is not callable")
     return fn
 
 
-def define(definition: dict) -> Control:
-    """Register the control a definition describes (its oracle imported if it names one)."""
+def checked_oracle(spec: str, control: Control):
+    """The user's labeller `spec`, wrapped: an exception it raises, or a result that is not one integer label in
+    0..K-1 per image, is a one-line error naming it (never a traceback, never labels silently cast)."""
+    fn = resolve_oracle(spec)
+
+    def label(images: Tensor) -> Tensor:
+        try:
+            y = fn(images)
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise CtrlDiffError(f"oracle {spec!r} raised {type(e).__name__}: {reason(e)}") from None
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise CtrlDiffError(f"oracle {spec!r} returned a {type(y).__name__}, not labels") from None
+        if tuple(y.shape) != (len(images),):
+            raise CtrlDiffError(f"oracle {spec!r} returned shape {tuple(y.shape)} for {len(images)} images; "
+                                f"expected ({len(images)},): one label per image")
+        try:
+            return control.check_labels(y)
+        except CtrlDiffError as e:
+            raise CtrlDiffError(f"oracle {spec!r} returned bad labels: {e} (class indices follow the classes in "
+                                f"order: {list(control.class_names)})") from None
+
+    return label
+
+
+def define(definition: dict, probe: Tensor | None = None) -> Control:
+    """Register the control a definition describes (its oracle imported if it names one). probe: images in
+    [-1, 1] (some of the pairs) the oracle is tried on now, so that a broken one fails before any work."""
     name = definition["name"]
     if name in BUILTIN:
         raise CtrlDiffError(f"control name {name!r} clashes with a built-in control; choose another "
                             f"(built-in: {sorted(BUILTIN)})")
-    oracle = resolve_oracle(definition["oracle"]) if definition.get("oracle") else None
+    control = Control(name, definition["num_classes"], None, tuple(definition["class_names"]))
+    if definition.get("oracle"):
+        control = dataclasses.replace(control, labeller=checked_oracle(definition["oracle"], control))
+        if probe is not None:
+            control.label((probe[:PROBE] + 1) / 2)
     _DEFINED[name] = dict(definition)
-    return register(Control(name, definition["num_classes"], oracle, tuple(definition["class_names"])))
+    return register(control)
 
 
 def definition(name: str, pairs: Pairs, source: Path, oracle: str | None) -> dict:
+    """What defines a control from pairs; `sha256` is what was read (a resumed run checks it is unchanged)."""
     return {"name": name, "num_classes": len(pairs.class_names), "class_names": list(pairs.class_names),
-            "pairs": len(pairs), "source": str(Path(source).resolve()), "oracle": oracle, "classifiers": None}
+            "pairs": len(pairs), "source": str(Path(source).resolve()), "oracle": oracle, "classifiers": None,
+            "sha256": pairs.digest()}
 
 
 def defined(names) -> dict[str, dict]:
@@ -271,12 +355,34 @@ def save_definitions(folder: Path, names) -> None:
         write_json(Path(folder) / DEFINITIONS, defs)
 
 
-def load_definitions(folder: Path | None) -> dict[str, dict]:
-    """Register the controls a classifier run folder defines (none if it has no controls.json)."""
-    path = Path(folder) / DEFINITIONS if folder is not None else None
-    if path is None or not path.is_file():
+FIELDS = {"name": str, "num_classes": int, "class_names": list, "oracle": (str, type(None)),
+          "classifiers": (str, type(None))}  # what `define` and `monitor_judged` read from a definition, by type
+
+
+def _sound(key: str, d) -> bool:
+    """A definition as `define` reads it: the fields of FIELDS by type, under its own name, K >= 2 named classes."""
+    return (isinstance(d, dict) and all(isinstance(d.get(f), kind) for f, kind in FIELDS.items()) and d["name"] == key
+            and d["num_classes"] >= 2 and len(d["class_names"]) == d["num_classes"]
+            and all(isinstance(n, str) for n in d["class_names"]))
+
+
+def read_definitions(folder: Path) -> dict[str, dict]:
+    """A run folder's controls.json ({} if it has none), checked: a damaged or edited file is a one-line error
+    naming it."""
+    path = Path(folder) / DEFINITIONS
+    if not path.is_file():
         return {}
     defs = read_json(path)
+    bad = next((k for k, d in defs.items() if not _sound(k, d)), None) if isinstance(defs, dict) else "?"
+    if bad is not None:
+        raise CtrlDiffError(f"{path} is damaged or edited at control {bad!r}: expected {{name: {{name, num_classes "
+                            ">= 2, class_names (as many), oracle, classifiers, ...}}}}")
+    return defs
+
+
+def load_definitions(folder: Path | None) -> dict[str, dict]:
+    """Register the controls a classifier run folder defines (none if it has no controls.json)."""
+    defs = read_definitions(folder) if folder is not None else {}
     for d in defs.values():
         define(d)
     return defs
@@ -296,7 +402,7 @@ def monitor_judged(name: str, folder: Path | None = None) -> Control:
     if not path.is_file():
         raise CtrlDiffError(f"control {name!r} has no oracle and its monitor {path} is missing; pass --classifiers "
                             "RUN (the folder of `ctrldiff classifier --pairs`)")
-    mon = Classifier.load(path, name)
+    mon = Classifier.load(path, name, ctl.num_classes)
 
     def label(images: Tensor) -> Tensor:
         return mon.predict(images * 2 - 1)

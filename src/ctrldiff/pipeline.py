@@ -166,8 +166,9 @@ def noisy_accuracy(clf: NoisyClassifier, x, y, schedule, seed: int, ts=(0, 250, 
 
 def load_reward_terms(cfg: Config, folder: Path) -> list[RewardTerm]:
     """Reward terms from a `ctrldiff classifier` run folder."""
-    return [RewardTerm(ctl, Classifier.load(folder / f"classifier-{ctl.name}.safetensors", ctl.name),
-                       cfg.rl.controls[ctl.name], Classifier.load(folder / f"monitor-{ctl.name}.safetensors", ctl.name))
+    return [RewardTerm(ctl, Classifier.load(folder / f"classifier-{ctl.name}.safetensors", ctl.name, ctl.num_classes),
+                       cfg.rl.controls[ctl.name],
+                       Classifier.load(folder / f"monitor-{ctl.name}.safetensors", ctl.name, ctl.num_classes))
             for ctl in controls_of(cfg)]
 
 
@@ -269,7 +270,7 @@ def method_for(cfg: Config, name: str, backend, knobs: dict | None = None, ckpt:
             path = Path(classifiers) / f"{prefix}-{ctl.name}.safetensors"
             if not path.exists():
                 raise CtrlDiffError(f"missing {path}; run `ctrldiff classifier` for {ctl.name} first")
-            kw[key][ctl.name] = cls.load(path, ctl.name)
+            kw[key][ctl.name] = cls.load(path, ctl.name, ctl.num_classes)
     return build_method(name, backend, knobs, **kw)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .checkpoint import Checkpointer
-from .config import Config, config_diff
+from .config import Config, config_diff, from_dict
 from .io import CtrlDiffError, read_json, write_json
 
 
@@ -20,19 +22,41 @@ class Run:
         if resume:
             self._check_resumable()
             self._track(report_to, resume=True)
+            if self.tracker is not None:  # before any work: a tracker that cannot start is a one-line error
+                self.tracker.start()
             return
         self._track(report_to, resume=False)  # a tracker that is not installed fails before the folder is touched
         if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
             raise CtrlDiffError(f"run folder {self.dir} already exists; pass --overwrite or choose another --out")
-        if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "config.json", cfg.to_dict())
+        self._create()
+
+    def _create(self) -> None:
+        """config.json in a new folder, and the trackers started before any work (one that cannot start, e.g. on
+        a bad MLFLOW_TRACKING_URI, is a one-line error). If that fails, the disk is as it was: the folders this
+        made are removed, and an old run being overwritten, put aside first, comes back."""
+        old = None
+        if self.dir.exists() and any(self.dir.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.replaced.", dir=self.dir.parent)) / "run"
+            os.replace(self.dir, old)
+        made = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)  # the topmost
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", self.cfg.to_dict())
+            if self.tracker is not None:
+                self.tracker.start()
+        except BaseException:
+            shutil.rmtree(made or self.dir, ignore_errors=True)
+            if old is not None:
+                os.replace(old, self.dir)
+            elif made is None:  # it was there, empty
+                self.dir.mkdir()
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old.parent, ignore_errors=True)
 
     def _check_resumable(self) -> None:
-        if not (self.dir / "config.json").is_file():
-            raise CtrlDiffError(f"--resume {self.dir}: no run there (config.json missing)")
-        key = config_diff(read_json(self.dir / "config.json"), self.cfg.to_dict())
+        key = config_diff(read_config(self.dir).to_dict(), self.cfg.to_dict())
         if key is not None:
             raise CtrlDiffError(f"--resume {self.dir}: the config differs from the run's at {key}; "
                                 f"pass the run's --preset and --set (or none to reuse them)")
@@ -76,6 +100,21 @@ class Run:
 
     def records(self) -> list[dict]:
         return read_records(self.dir)
+
+
+def read_config(folder: str | Path) -> Config:
+    """A run folder's config.json, checked as `--set` values are: a damaged or edited one is a one-line error
+    naming it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CtrlDiffError(f"--resume {folder}: no run there (config.json missing)")
+    d = read_json(path)
+    try:
+        if not isinstance(d, dict):
+            raise CtrlDiffError("it is not a JSON object")
+        return from_dict(d)
+    except CtrlDiffError as e:
+        raise CtrlDiffError(f"{path}: {e}") from None
 
 
 def read_records(folder: str | Path) -> list[dict]:

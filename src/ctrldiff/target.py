@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .conditions import balanced_conditions, request_index, requests
 from .contracts import Cond
-from .io import CtrlDiffError, load_weights, save_weights
+from .io import CtrlDiffError, build_once
 from .metrics import features, frechet_distance
 from .sampling import sample
 
@@ -82,16 +82,13 @@ def load_bank(backend, per_c: int, steps: int, eta: float, seed: int = 0, folder
 
         path = bank_path(folder or cache_dir() / "banks", key)
     path = Path(path)
-    if path.exists():
-        tensors, meta = load_weights(path)
-        if meta != key:
-            diff = next(k for k in key if meta.get(k) != key[k])
-            raise CtrlDiffError(f"bank {path} was built with {diff}={meta.get(diff)!r}, this run needs "
-                                f"{key[diff]!r}; delete it or pass another bank path")
-        return tensors["x0"]
-    x0 = build_bank(backend, per_c, steps, eta, seed, progress=progress)
-    save_weights(path, {"x0": x0}, key)
-    return x0
+    tensors, meta = build_once(path, lambda: {"x0": build_bank(backend, per_c, steps, eta, seed, progress=progress)},
+                               key)  # one process builds, parallel runs wait for it (io.build_once)
+    if meta != key:
+        diff = next(k for k in key if meta.get(k) != key[k])
+        raise CtrlDiffError(f"bank {path} was built with {diff}={meta.get(diff)!r}, this run needs "
+                            f"{key[diff]!r}; delete it or pass another bank path")
+    return tensors["x0"]
 
 
 # --- importance weights and log Z -----------------------------------------------------------------------

@@ -4,8 +4,9 @@ sample grid, also sent to TensorBoard, Weights & Biases or MLflow through accele
 metrics.jsonl stays the source of truth (`--resume` reads it); a tracker is a live view of it. A resumed loop
 re-makes, bit for bit, the records after its last checkpoint, and the tracker already holds them: a record
 whose (loop, step) metrics.jsonl held when the run was resumed is not sent again, so no step is logged twice.
-The trackers are opened at the first record (a command that fails earlier opens none) and only where the run
-folder is written, i.e. on the main process. Nothing is imported unless a tracker is asked for.
+The trackers are started with the run folder (`Run`), before any work, so one that cannot start is a one-line
+error while nothing has been computed; only where the run folder is written, i.e. on the main process. Nothing is
+imported unless a tracker is asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import CtrlDiffError, read_json, write_json
+from .io import CtrlDiffError, read_json, reason, write_json
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # each is its package's name and ctrldiff's extra
 REPORT_TO = ("none", *TRACKERS, "all")
@@ -45,8 +46,20 @@ def trackers_for(report_to: str) -> list[str]:
 
 def reported_to(folder: Path) -> str:
     """The `--report-to` a run folder was last reported with ("none" if never)."""
+    return _state(folder)["report_to"]
+
+
+def _state(folder: Path) -> dict:
+    """tracking.json, checked (a damaged one is a one-line error naming it); none yet: nothing opened."""
     path = Path(folder) / STATE
-    return read_json(path)["report_to"] if path.exists() else "none"
+    if not path.exists():
+        return {"report_to": "none", "opened": {}}
+    state = read_json(path)
+    if not (isinstance(state, dict) and state.get("report_to") in REPORT_TO and isinstance(state.get("opened"), dict)
+            and all(isinstance(v, dict) for v in state["opened"].values())):
+        raise CtrlDiffError(f"{path} is damaged: expected {{\"report_to\": one of {list(REPORT_TO)}, \"opened\": "
+                            "{tracker: run ids}}; restore it or delete it (the tracker runs start afresh)")
+    return state
 
 
 def _installed(module: str) -> bool:
@@ -82,6 +95,10 @@ class Tracker:
         self.names = trackers_for(report_to)
         self.trackers: list | None = None  # opened at the first record
         self.axes: dict[str, str] = {}  # wandb: each tag's step axis
+
+    def start(self) -> None:
+        """Start the trackers (`_open`); Run calls it before any work."""
+        self._open()
 
     def log(self, record: dict) -> None:
         """Send the record's numbers (tags prefixed by its loop, e.g. `monitor-compress4/loss`) at its step."""
@@ -133,16 +150,20 @@ class Tracker:
         from accelerate import PartialState
 
         PartialState()  # what an Accelerator sets up: the trackers ask it which process is the main one
-        path = self.folder / STATE
-        opened = read_json(path)["opened"] if path.exists() else {}
+        opened = _state(self.folder)["opened"]
         self.trackers = []
         for name in self.names:
-            t, ids = _start(name, self.folder, opened.get(name))
-            if name not in opened:  # a continued tracker run has its hyper-parameters already
-                t.store_init_configuration(hparams(self.config))
+            try:
+                t, ids = _start(name, self.folder, opened.get(name))
+                if name not in opened:  # a continued tracker run has its hyper-parameters already
+                    t.store_init_configuration(hparams(self.config))
+            except Exception as e:  # noqa: BLE001 - each tracker library fails in its own way: one line, naming it
+                self.close()
+                raise CtrlDiffError(f"--report-to {self.report_to}: {name} failed to start ({type(e).__name__}: "
+                                    f"{reason(e)})") from None
             opened[name] = ids
             self.trackers.append(t)
-        write_json(path, {"report_to": self.report_to, "opened": opened})
+        write_json(self.folder / STATE, {"report_to": self.report_to, "opened": opened})
         _active = self
         atexit.register(self.close)
         return self.trackers
