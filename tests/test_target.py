@@ -340,3 +340,26 @@ def test_on_trusted_compares_only_the_cells_the_target_is_sure_of():
                                                             "classifier_accuracy": 0.75, "monitor_accuracy": 0.7})
     out = on_trusted(method, target, 30)
     assert out["cells"] == 2 and out["accuracy"] == pytest.approx(0.4) and math.isnan(out["digit_fidelity"])
+
+
+def test_the_shipped_banks_are_the_shipped_bases_own_and_spare_the_first_run_its_build(monkeypatch, tmp_path):
+    """The banks in the package (8-bit images, benchmarks/banks.py) are keyed by the shipped base's hash and the
+    default sampler: load_bank takes them without building anything, the first 500 samples of the yardstick's
+    regenerate from its seed, and a key they do not match (another seed) finds none."""
+    from ctrldiff.backends import load_base
+    from ctrldiff.config import default
+    from ctrldiff.target import bank_key, shipped_bank
+
+    cfg, backend = default(), load_base()
+    monkeypatch.setenv("CTRLDIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr("ctrldiff.target.build_bank", lambda *a, **k: pytest.fail("a shipped bank was rebuilt"))
+    for seed in (cfg.target.seed, cfg.target.seed + 1):  # the yardstick's and seed 0's base pairs
+        bank = load_bank(backend, cfg.target.per_c, cfg.sampler.steps, cfg.sampler.eta, seed, progress=False)
+        assert bank.shape == (10, cfg.target.per_c, 1, 16, 16)
+    assert shipped_bank(bank_key(backend, cfg.target.per_c, cfg.sampler.steps, cfg.sampler.eta, 5)) is None
+    g = torch.Generator().manual_seed(cfg.target.seed)  # build_bank's first batch: digit 0, 500 samples
+    x0 = sample(backend.denoiser, backend.schedule, torch.randn((500, 1, 16, 16), generator=g),
+                Cond(torch.zeros(500, dtype=torch.long)), steps=cfg.sampler.steps, eta=cfg.sampler.eta, generator=g).x0
+    shipped = load_bank(backend, cfg.target.per_c, cfg.sampler.steps, cfg.sampler.eta, cfg.target.seed)[0, :500]
+    diff = (backend.decode(x0) - backend.decode(shipped)).abs()
+    assert diff.max() <= 1 / 255 + 1e-6 and (diff < 0.5 / 255).float().mean() > 0.999  # 8 bits, rounding apart
