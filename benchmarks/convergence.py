@@ -4,6 +4,7 @@ capacity, chain length, estimator and budget (issue 26), each part writing its s
     python benchmarks/convergence.py floor       # rows of FLOOR: capacity, chain, estimator, steps
     python benchmarks/convergence.py tune        # rows of TUNE: the variants at about equal wall-clock
     python benchmarks/convergence.py step-time   # seconds per optimiser step by estimator and adapter (2 threads)
+    python benchmarks/convergence.py own         # the defaults on a control of our own, defined by pairs on disk
 
 Every row fine-tunes on the same reward classifiers (`--classifiers`, a `ctrldiff classifier` run; default
 runs/clf-c4 for compress4 and runs/clf-multi for the 2x2 task), so rows differ only by the fine-tune, and is
@@ -13,6 +14,7 @@ evaluated as `ctrldiff evaluate` does: the target's yardstick beside base and CT
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -115,9 +117,61 @@ def part_step_time(args) -> None:
     print("\n".join(lines))
 
 
+def part_own(args) -> None:
+    """The defaults on a control none of them was tuned on, used as a user would: 3 slant classes
+    (benchmarks/slant.py) as a folder of PNGs, the user's labeller as the oracle, the CLI's own commands."""
+    import os
+    import subprocess
+
+    import slant
+    from PIL import Image
+
+    from ctrldiff.tasks.mnist import load_digits, to_unit
+
+    out, t0 = args.out, time.time()
+    pairs = out / "pairs"
+    if not pairs.is_dir():  # 2,000 training digits as 16-px PNGs, one folder per class
+        d = load_digits("train", 16, 1000, 0)
+        images = to_unit(d.x[:2000])
+        for i, (img, y) in enumerate(zip(images, slant.label(images))):
+            folder = pairs / slant.CLASSES[int(y)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((img[0].numpy() * 255).round().astype("uint8"), "L").save(folder / f"{i:04d}.png")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    sets = [x for o in args.overrides for x in ("--set", o)]
+    commands = [
+        ["classifier", "--pairs", str(pairs), "--control", "slant3", "--oracle", "slant3=slant:label",
+         "--out", str(out / "clf")],
+        ["finetune", "--classifiers", str(out / "clf"), "--control", "slant3", "--out", str(out / "ctrl"), *sets],
+        ["evaluate", "--ckpt", str(out / "ctrl" / "ctrl.safetensors"), "--classifiers", str(out / "clf"),
+         "--control", "slant3", "--out", str(out / "eval"), *sets]]
+    seconds = []
+    for cmd in commands:
+        t = time.time()
+        subprocess.run([sys.executable, "-m", "ctrldiff.cli", *cmd, "--overwrite"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        seconds.append(time.time() - t)
+    results = json.loads((out / "eval" / "metrics.json").read_text())
+    r = {"results": results, "finetune_seconds": seconds[1], "peak_rss_gb": float("nan"), "gap_all_curve": [
+        json.loads(x)["gap_all"] for x in (out / "ctrl" / "metrics.jsonl").read_text().splitlines() if "gap_all" in x],
+        "step_seconds": [], "config": json.loads((out / "ctrl" / "config.json").read_text())}
+    lines = ["## The defaults on a control of our own (slant, 3 classes, from a folder of PNGs)\n",
+             (f"Produced by `{_command('own')}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{(time.time() - t0) / 60:.0f} min. 2,000 training digits labelled by their slant "
+              "(benchmarks/slant.py: leaning left, upright, leaning right, the tertiles of the training digits) and "
+              "written as PNGs, one folder per class; then, as a user would, `ctrldiff classifier --pairs ... "
+              "--oracle slant3=slant:label`, `ctrldiff finetune --classifiers ...` and `ctrldiff evaluate --ckpt "
+              f"... --classifiers ...` (seconds: {', '.join(f'{s:.0f}' for s in seconds)}). The oracle is the "
+              "user's labeller; the target's columns come from the shipped bank.\n"),
+             HEAD, "|---" * 13 + "|", row_line("defaults" + (f" ({', '.join(args.overrides)})" if args.overrides
+                                                              else ""), r)]
+    write_section(TUNING_MD, "ctrl-own-control", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["floor", "tune", "step-time", "task"])
+    ap.add_argument("part", choices=["floor", "tune", "step-time", "own", "task"])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--preset", default="default", help=argparse.SUPPRESS)  # part "task" (internal)
@@ -131,6 +185,8 @@ def main() -> None:
         task_main(args, classifiers=args.classifiers or CLASSIFIERS[args.preset])
     elif args.part == "step-time":
         part_step_time(args)
+    elif args.part == "own":
+        part_own(args)
     else:
         rows, title = {"floor": (FLOOR, "Where is the floor? Capacity, chain, estimator and steps (issue 26)"),
                        "tune": (TUNE, "Tuning to the meter at about equal wall-clock (issue 26)")}[args.part]
