@@ -40,6 +40,9 @@ FLOOR = [
     ("adjoint", "default", ["rl.estimator=adjoint"]),
     ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16"]),
     ("400 steps", "default", ["rl.steps=400"]),
+    ("adjoint, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.adjoint_updates=4"]),
+    ("adjoint, rank 16, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.lora_rank=16",
+                                                            "rl.adjoint_updates=4"]),
 ]
 TUNE: list[tuple[str, str, list[str]]] = []
 
