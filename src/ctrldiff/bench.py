@@ -32,6 +32,7 @@ from .classifier import classifier_steps, held_back
 from .control import ControlledDenoiser
 from .evaluate import evaluate, path_meter
 from .io import CtrlDiffError, atomic_path, read_json, read_meta, write_json, write_section
+from .metrics import features, frechet_distance
 from .pipeline import (
     backend_for,
     controls_of,
@@ -47,6 +48,7 @@ from .pipeline import (
 )
 from .plots import save_grid
 from .runs import Run, read_records
+from .tasks.mnist import load_digits, to_unit
 from .tracking import trackers_for
 
 GRID: dict[str, dict[str, list]] = {  # each method's knob grid (the other knobs at their defaults)
@@ -59,10 +61,12 @@ GRID: dict[str, dict[str, list]] = {  # each method's knob grid (the other knobs
     "smc": {"particles": [4, 8], "w": [0.0, 1.0]},
     "svdd": {"candidates": [4, 20], "alpha": [0.1, 0.3]},
     "best_of_n": {"n": [4, 16]},
+    "ctrl_smc": {"particles": [2, 4, 8]},  # SMC proposing with CTRL's chain (2 passes per particle and step)
 }
 QUICK_GRID = {"base": {}, "ctrl": {"w": [1.0]}, "cfg": {"w": [1.0, 2.0]}, "dps": {"w": [0.3]},
               "classifier": {"w": [10.0]}, "mpgd": {"w": [1.0]}, "smc": {"particles": [2], "w": [1.0]},
-              "svdd": {"candidates": [2], "alpha": [0.1]}, "best_of_n": {"n": [2]}}
+              "svdd": {"candidates": [2], "alpha": [0.1]}, "best_of_n": {"n": [2]},
+              "ctrl_smc": {"particles": [2]}}
 TUNE_SEED = 101  # sampling seed of the grid search, apart from the seeds of the reported runs
 HARD_CORNER = "thickness2=1,compress2=0"  # thick yet compressible (METHOD.md §5's hard corner, our analogue)
 
@@ -153,8 +157,8 @@ def measure(cfg: C.Config, paths: dict, name: str, knobs: dict, env: dict, seed:
     cache = paths["measured"] / f"{name}{knob_key and '-' + knob_key}-n{cfg.eval.per_class}-s{seed}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=False)
-    method = method_for(cfg, name, env["backend"], knobs, paths.get(name) if name in ("ctrl", "cfg") else None,
-                        paths["classifiers"])
+    ckpt = paths.get("ctrl" if name == "ctrl_smc" else name) if name in ("ctrl", "cfg", "ctrl_smc") else None
+    method = method_for(cfg, name, env["backend"], knobs, ckpt, paths["classifiers"])
     result = evaluate(method, env["backend"], controls_of(cfg), cfg, env["oracle"], env["real"],
                       reference=env["backend"].denoiser, seed=seed, progress=False,
                       terms=load_reward_terms(cfg, paths["classifiers"]))  # the reward classifiers' and monitors' verdicts
@@ -403,6 +407,16 @@ def environment(preset: str, report_to: str = "none", resume: bool = False) -> d
             "resume": resume}
 
 
+def real_floor(env: dict, preset: str, n: int = 1000) -> dict:
+    """What real digits score against the held-out ones: the floor of feature-FID at this sample size, and the
+    digit oracle's accuracy on them (the ceiling of digit fidelity)."""
+    cfg = C.preset(preset)
+    train = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    images, c = to_unit(train.x[:n]), train.c[:n]
+    return {"feature_fid": frechet_distance(features(env["oracle"], images), env["real"]),
+            "digit_fidelity": (env["oracle"].predict(images * 2 - 1) == c).float().mean().item(), "n": n}
+
+
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
               progress: bool = True, report_to: str = "none", resume: bool = False) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
@@ -428,7 +442,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
                "efficiency": efficiency, "gamma": {task: tasks[task]["gamma"][first[task]] for task in TASKS},
                "fronts": {task: fronts(tasks[task], first[task], targets[task]) for task in TASKS},
                "front_seeds": {task: [fronts(tasks[task], s) for s in tasks[task]["runs"]] for task in TASKS},
-               "seconds": time.time() - t0,
+               "seconds": time.time() - t0, "real": real_floor(env, size.preset),
                "resumed": resume, "training": training_time(out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / "bench.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
@@ -655,6 +669,10 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
          f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each method's setting is its best accuracy over the "
          f"grid below on seed {size.seeds[0]}'s models (sampling seed {TUNE_SEED}, "
          f"{size.tune_per_class} per class). Nothing here is typed by hand.\n"),
+        *([(f"Real digits for scale: {results['real']['n']:,} training digits score feature-FID "
+            f"{results['real']['feature_fid']:.1f} against the held-out ones (the floor at this sample size) and "
+            f"digit fidelity {results['real']['digit_fidelity']:.3f} (the digit oracle's own accuracy).\n")]
+          if "real" in results else []),
         "Grids: " + "; ".join(f"{m} {g}" for m, g in size.grid.items() if g) + ".\n",
         "## Single control: compress4\n", *single_table(c4), "",
         "## Multi-task 2×2: thickness2 × compress2 (per-corner joint accuracy)\n",
