@@ -290,7 +290,12 @@ def yardstick(bank: LogZ, bank_reward: Tensor, paths: dict[str, PathStats], min_
         own = _summary(bank.trusted, s.log_z, _log_z_se(s.ess, s.n), s.j, j_se, s.kl)
         trusted.update(gap_paths=own["gap"], gap_paths_se=own["gap_se"])
         out[name] = {"trusted": trusted, "all": _summary(every, best, best_se, s.j, j_se, s.kl) | {
-            "flagged": int(flagged.sum()), "median_path_ess": float(s.ess.median())}}
+            "flagged": int(flagged.sum()), "median_path_ess": float(s.ess.median())},
+            "requests": [{"request": [int(i) for i in r], "n": int(s.n[r]), "J": float(s.j[r]), "kl": float(s.kl[r]),
+                          "log_z_bank": float(bank.table[r]), "ess_bank": float(bank.ess[r]),
+                          "log_z_paths": float(s.log_z[r]), "ess_paths": float(s.ess[r]), "log_z": float(best[r]),
+                          "gap": float(best[r] - s.j[r]), "flagged": bool(flagged[r])}
+                         for r in itertools.product(*map(range, best.shape))]}
     zero = torch.zeros_like(best)
     target = {"trusted": _summary(bank.trusted, bank.table, bank_se, bank.table, zero, bank_reward - bank.table),
               "all": _summary(every, best, best_se, best, zero, tilted - best) | {"flagged": int(flagged.sum())}}
