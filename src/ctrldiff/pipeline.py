@@ -313,7 +313,7 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
             m["trusted"] = on_trusted(m.get("per_cell", m.get("cells")), target[0]["cells"], cfg.target.min_ess)
             if name not in ("base", "target"):
                 plot_cells(target[0]["cells"], m["per_cell"], name, run.path(f"target-vs-{name}.png"),
-                           cfg.target.min_ess)
+                           cfg.target.min_ess, (m["yardstick"] or {}).get("requests"))
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results

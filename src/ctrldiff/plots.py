@@ -57,9 +57,12 @@ def plot_curves(records: list[dict], panels: dict[str, list[str]], path: str | P
     plt.close(fig)
 
 
-def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Path, min_ess: float = 30.0) -> None:
+def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Path, min_ess: float = 30.0,
+               meter: list[dict] | None = None) -> None:
     """Accuracy per request (rows = joint y, columns = c): the target p_gamma, the method, and their difference;
-    target cells whose effective sample size is below `min_ess` are marked x (not trustworthy)."""
+    target cells whose effective sample size is below `min_ess` are marked x (not trustworthy). meter: the
+    method's per-request yardstick (`target.yardstick`), a fourth panel of log Z - J in nats (flagged requests,
+    whose gap is a lower bound, marked >)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +78,13 @@ def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Pa
         return a
 
     t, m = grid(target), grid(method)
-    fig, axes = plt.subplots(1, 3, figsize=(3.2 * 3 + 1.5, 0.45 * len(ys) + 1.8))
-    panels = [("target p_gamma", t, "viridis", (0, 1)), (name, m, "viridis", (0, 1)),
-              (f"{name} - target", m - t, "RdBu", (-1, 1))]
-    for ax, (title, a, cmap, (lo, hi)) in zip(axes, panels):
+    panels = [("target p_gamma", t, "viridis", (0, 1), "oracle accuracy"),
+              (name, m, "viridis", (0, 1), "oracle accuracy"), (f"{name} - target", m - t, "RdBu", (-1, 1), "difference")]
+    if meter:
+        gaps = grid([{"c": r["request"][0], "y": r["request"][1:], "accuracy": r["gap"]} for r in meter])
+        panels.append((f"{name}: log Z - J", gaps, "magma_r", (0, max(1.0, float(np.nanmax(gaps)))), "nats"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.5, 0.45 * len(ys) + 1.8))
+    for ax, (title, a, cmap, (lo, hi), unit) in zip(axes, panels):
         im = ax.imshow(a, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
         ax.set_xticks(range(cols))
         ax.set_yticks(range(len(ys)), [",".join(map(str, y)) for y in ys])
@@ -88,7 +94,12 @@ def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Pa
         for r in target:
             if r["ess"] < min_ess:
                 ax.text(r["c"], ys.index(tuple(r["y"])), "x", ha="center", va="center", color="red", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="oracle accuracy" if lo == 0 else "difference")
+        if unit == "nats":
+            for r in meter:
+                if r["flagged"]:
+                    ax.text(r["request"][0], ys.index(tuple(r["request"][1:])) + 0.3, ">", ha="center",
+                            color="cyan", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, label=unit)
     fig.suptitle(f"oracle accuracy per request (c, y): target vs {name}; x = target ESS < {min_ess:g}", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
