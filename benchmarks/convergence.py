@@ -2,7 +2,7 @@
 capacity, chain length, estimator and budget (issue 26), each part writing its section of docs/tuning.md.
 
     python benchmarks/convergence.py floor       # rows of FLOOR: capacity, chain, estimator, steps
-    python benchmarks/convergence.py tune        # rows of TUNE: the variants at about equal wall-clock
+    python benchmarks/convergence.py tune        # rows of TUNE: rates, batch and steps around the best floor row
     python benchmarks/convergence.py step-time   # seconds per optimiser step by estimator and adapter (2 threads)
     python benchmarks/convergence.py own         # the defaults on a control of our own, defined by pairs on disk
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,20 +32,26 @@ TUNING_MD = ROOT / "docs" / "tuning.md"
 CLASSIFIERS = {"default": Path("runs/clf-c4"), "multi": Path("runs/clf-multi")}
 
 # (label, preset, overrides); a row's index names its run folder, so rows are only ever appended
+R4 = ["rl.lora_rank=4"]  # the floor's reference is the old default, rank 4 (the default is 16 since this table)
 FLOOR = [
-    ("default (rank 4, backprop, 20-step chain, 200 steps)", "default", []),
+    ("rank 4, backprop, 20-step chain, 200 steps (the old default)", "default", R4),
     ("rank 16", "default", ["rl.lora_rank=16"]),
     ("rank 64", "default", ["rl.lora_rank=64"]),
     ("full network, lr 3e-4", "default", ["rl.adapter=full", "rl.lr_lora=3e-4"]),
-    ("40-step chain", "default", ["sampler.steps=40"]),
-    ("adjoint", "default", ["rl.estimator=adjoint"]),
+    ("40-step chain", "default", [*R4, "sampler.steps=40"]),
+    ("adjoint", "default", [*R4, "rl.estimator=adjoint"]),
     ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16"]),
-    ("400 steps", "default", ["rl.steps=400"]),
-    ("adjoint, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.adjoint_updates=4"]),
+    ("400 steps", "default", [*R4, "rl.steps=400"]),
+    ("adjoint, 4 updates per rollout", "default", [*R4, "rl.estimator=adjoint", "rl.adjoint_updates=4"]),
     ("adjoint, rank 16, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.lora_rank=16",
                                                             "rl.adjoint_updates=4"]),
 ]
-TUNE: list[tuple[str, str, list[str]]] = []
+TUNE = [  # around the new default (rank 16, the floor table's best at the old step time): rates, batch, steps
+    ("rank 16, LoRA lr 1e-2", "default", ["rl.lr_lora=1e-2"]),
+    ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3"]),
+    ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100"]),
+    ("rank 16, 400 steps", "default", ["rl.steps=400"]),
+]
 
 
 def _command(part: str) -> str:
@@ -101,11 +108,14 @@ def part_step_time(args) -> None:
     backend = backend_for(base)
     from ctrldiff.rl import finetune
 
-    rows = []
-    for label, ov in [("backprop, rank 4", []), ("backprop, rank 16", ["rl.lora_rank=16"]),
-                      ("backprop, full network", ["rl.adapter=full"]), ("backprop, 40-step chain", ["sampler.steps=40"]),
-                      ("adjoint, rank 4", ["rl.estimator=adjoint"]),
-                      ("adjoint, 5 of 19 steps regressed", ["rl.estimator=adjoint", "rl.adjoint_steps=5"])]:
+    rows, load = [], os.getloadavg()[0]
+    for label, ov in [("backprop, rank 4", ["rl.lora_rank=4"]), ("backprop, rank 16", ["rl.lora_rank=16"]),
+                      ("backprop, rank 64", ["rl.lora_rank=64"]),
+                      ("backprop, full network", ["rl.adapter=full"]),
+                      ("backprop, rank 4, 40-step chain", ["rl.lora_rank=4", "sampler.steps=40"]),
+                      ("adjoint, rank 4", ["rl.lora_rank=4", "rl.estimator=adjoint"]),
+                      ("adjoint, rank 4, 5 of 19 steps regressed", ["rl.lora_rank=4", "rl.estimator=adjoint",
+                                                                   "rl.adjoint_steps=5"])]:
         recs = []
         finetune(backend, terms, C.apply_overrides(base, ov), log=recs.append, progress=False)
         sec = [r["seconds"] for r in recs]
@@ -113,7 +123,7 @@ def part_step_time(args) -> None:
         print(rows[-1], flush=True)
     lines = ["## Seconds per fine-tuning step, by estimator and adapter\n",
              (f"Produced by `{_command('step-time')}` on {machine()}, {torch.get_num_threads()} threads, "
-              f"{time.strftime('%Y-%m-%d')}, one run at a time. The default preset (batch 32, 20 DDIM steps, the last "
+              f"{time.strftime('%Y-%m-%d')}, load average {load:.1f} at the start (other jobs beside it). The default preset (batch 32, 20 DDIM steps, the last "
               "taken by the base), steps 3-10 of a short fine-tune:\n"),
              "| estimator, adapter | s / step |", "|---|---|", *rows]
     write_section(TUNING_MD, "step-time-estimators", "\n".join(lines))
@@ -123,7 +133,6 @@ def part_step_time(args) -> None:
 def part_own(args) -> None:
     """The defaults on a control none of them was tuned on, used as a user would: 3 slant classes
     (benchmarks/slant.py) as a folder of PNGs, the user's labeller as the oracle, the CLI's own commands."""
-    import os
     import subprocess
 
     import slant
@@ -192,7 +201,7 @@ def main() -> None:
         part_own(args)
     else:
         rows, title = {"floor": (FLOOR, "Where is the floor? Capacity, chain, estimator and steps (issue 26)"),
-                       "tune": (TUNE, "Tuning to the meter at about equal wall-clock (issue 26)")}[args.part]
+                       "tune": (TUNE, "Tuning around the floor table's best row: rates, batch, steps (issue 26)")}[args.part]
         part_rows(args, rows, f"ctrl-{args.part}", title)
 
 

@@ -100,13 +100,18 @@ def _command(part: str, args: list[str]) -> str:
 
 # --- classifiers ------------------------------------------------------------------------------------------
 
+SELECTION_SEED = 100  # the selection bank's seed, past target.seed: the yardstick's and the base pairs' stay unseen
+
+
 def part_classifiers(args) -> None:
     t_start = time.time()
     cfg0 = C.apply_overrides(C.default(), args.overrides)
     backend, ctl = backend_for(cfg0), controls_of(cfg0)[0]
     oracle = digit_oracle(cfg0.data.resolution)
     real = real_features(cfg0, oracle)
-    bank = target_bank(cfg0, backend)
+    # variants are chosen on a bank of their own: the yardstick's (target.seed) later judges the kept one, and the
+    # base pairs' (target.seed + 1 + seed) trained it
+    bank = target_bank(C.apply_overrides(cfg0, [f"target.seed={cfg0.target.seed + SELECTION_SEED}"]), backend)
     images = backend.decode(bank.flatten(0, 1))
     labels = ctl.label(images)
     rows, curves = [], {}
@@ -143,9 +148,10 @@ def part_classifiers(args) -> None:
              (f"Produced by `{_command('classifiers', sys.argv[2:])}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{time.time() - t_start:.0f} s. Each variant is fitted once (seed 0) on the 4,000 real training pairs plus "
               "the stated number of base samples labelled by the JPEG oracle (their own bank, seed 1), 20% held back "
-              "for the temperature. Held-out: the 1,000 real held-out digits. Base: the 20,000 fresh base samples "
-              "of the yardstick's bank (seed 0, never trained on). Target: p_gamma by importance sampling over that "
-              f"bank, {cfg0.eval.per_class} requests per class for its feature-FID; 'low ESS' = requests (c, y) with an "
+              "for the temperature. Held-out: the 1,000 real held-out digits. Base: 20,000 fresh base samples of "
+              f"a selection bank (seed {cfg0.target.seed + SELECTION_SEED}: neither the yardstick's, seed "
+              f"{cfg0.target.seed}, which judges the kept variant, nor the base pairs'). Target: p_gamma by importance "
+              f"sampling over that bank, {cfg0.eval.per_class} requests per class for its feature-FID; 'low ESS' = requests (c, y) with an "
               f"effective sample size below {cfg0.target.min_ess:g} (of 40).\n"),
              "| variant | pairs | fit s | held-out acc | held-out ECE | base acc | base ECE | "
              + " | ".join(f"target γ={x:g}: acc / fidelity / FID / low ESS" for x in g) + " |",

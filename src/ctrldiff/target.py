@@ -266,7 +266,8 @@ def yardstick(bank: LogZ, bank_reward: Tensor, paths: dict[str, PathStats], min_
     """J, log Z, KL and log Z - J (KL(P_theta || P*) >= 0, nats) of each sampler with meter paths, and of the
     target, over two sets of the same requests:
     - "trusted": the requests the bank's ESS >= min_ess; log Z from the bank (the classic meter). "gap_paths" is
-      the same with log Z from the sampler's own path weights: the two must agree within their errors.
+      the same with log Z from the sampler's own path weights: the two agree within their errors where the
+      paths' ESS is high (a small ESS biases log-mean-exp low; docs/method.md).
     - "all": every request; log Z per request the larger of the bank's and every sampler's path estimate (both
       are low in expectation, so the larger is the nearer). A request where every estimate's ESS is small (bank <
       min_ess, paths < min_path_ess) is counted in "flagged": there log Z, and so the gap, is a lower bound.

@@ -39,7 +39,7 @@ def _zero_null_row(grad: Tensor) -> Tensor:
 class ControlledDenoiser(nn.Module):
     """The augmented model as a Denoiser: `model(x_t, t, Cond(c, {name: y}))`; a missing control means null."""
 
-    def __init__(self, backend, controls: dict[str, int], lora_rank: int = 4, lora_targets=None,
+    def __init__(self, backend, controls: dict[str, int], lora_rank: int = 16, lora_targets=None,
                  final_step: str = "base", adapter: str = "lora"):
         super().__init__()
         if final_step not in FINAL_STEPS:
