@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from one_thread import one_thread
 
 from ctrldiff.backends.mixture import (
     MIXTURES,
@@ -103,14 +104,10 @@ def trained():
     # One thread: 150 steps at these rates are chaotic in the last bits, so the summation order moves the favoured
     # mode's mass by a few hundredths (seed 0: +0.009 from exact on one thread, +0.039 on two; seeds 0-3 on two
     # threads: +0.037, +0.027, -0.006, +0.007). The single-threaded run reproduces the docstring's numbers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         setup = make_setup(steps=20, grid=GRID)
         models = {kl: train_ctrl(setup, rl_config(setup, 3.0, 1.0, steps=150, batch=128, kl=kl))[0]
                   for kl in ("sum", "mean")}
-    finally:
-        torch.set_num_threads(threads)
     return setup, models
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from one_thread import one_thread
 from PIL import Image
 from test_reliability import _kill_during, _one_line_error, _sha, assert_same_run
 
@@ -588,9 +589,7 @@ def test_a_killed_model_dir_run_with_pairs_classes_and_oracle_resumes_bit_identi
             "--control", "bright", "--classes", "dark,bright", "--oracle", "bright=user_oracles:bright"]
     # bit-identical needs one thread in every process: with 2, diffusers' UNet2DModel backward sums in a
     # thread-dependent order (CI saw Adam moments differ in the 3rd significant digit of a 1e-7 entry)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         reference = _uninterrupted(argv, tmp_path / "ref")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(oracles), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": "1"}
@@ -598,8 +597,6 @@ def test_a_killed_model_dir_run_with_pairs_classes_and_oracle_resumes_bit_identi
         count(request, "processes")
         count(request, "kills")
         assert main(["finetune", "--resume", str(tmp_path / "run")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     assert_same_run(reference, tmp_path / "run")
     assert "acc_oracle/bright" in (tmp_path / "run" / "metrics.jsonl").read_text()
 

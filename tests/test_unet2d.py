@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from one_thread import one_thread
 
 from ctrldiff.backends.unet2d import load_unet2d
 from ctrldiff.checkpoint import Checkpointer
@@ -126,26 +127,24 @@ def _draw(denoiser, backend, cond, seed=3):
 def test_save_load_gives_identical_samples_and_resume_is_exact(folders, tmp_path):
     # bit-identical needs one thread: with 2, diffusers' UNet2DModel backward sums in a thread-dependent order
     # (this test failed with OMP_NUM_THREADS=2 and passed with 1, same seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    backend = load_unet2d(folders["cond"])
-    terms = [RewardTerm(Control("mine", 2), Classifier(SmallCNN(2, in_channels=1)).requires_grad_(False), 1.0)]
-    cfg = _cfg(**{"rl.steps": 2, "rl.lr_emb": 1.0})
-    full, mid = tmp_path / "full.safetensors", tmp_path / "mid.safetensors"
+    with one_thread():
+        backend = load_unet2d(folders["cond"])
+        terms = [RewardTerm(Control("mine", 2), Classifier(SmallCNN(2, in_channels=1)).requires_grad_(False), 1.0)]
+        cfg = _cfg(**{"rl.steps": 2, "rl.lr_emb": 1.0})
+        full, mid = tmp_path / "full.safetensors", tmp_path / "mid.safetensors"
 
-    def keep_step_1(stats):  # after step 1's update, before its checkpoint: the file holds step 1
-        if stats["step"] == 1:
-            shutil.copy(full, mid)
+        def keep_step_1(stats):  # after step 1's update, before its checkpoint: the file holds step 1
+            if stats["step"] == 1:
+                shutil.copy(full, mid)
 
-    model, _ = finetune(backend, terms, cfg, log=keep_step_1, progress=False,
-                        ckpt=Checkpointer(full, cfg.to_dict(), every=1))
-    model.save(tmp_path / "ctrl.safetensors")
-    loaded = ControlledDenoiser.load(tmp_path / "ctrl.safetensors", backend)
-    cond = Cond(torch.tensor([0, 2]), {"mine": torch.tensor([1, 0])})
-    assert torch.equal(_draw(model, backend, cond), _draw(loaded, backend, cond))
-    assert not torch.equal(_draw(model, backend, cond), _draw(backend.denoiser, backend, cond))
-    resumed, _ = finetune(backend, terms, cfg, progress=False, ckpt=Checkpointer(mid, cfg.to_dict(), every=1))
-    torch.set_num_threads(threads)
+        model, _ = finetune(backend, terms, cfg, log=keep_step_1, progress=False,
+                            ckpt=Checkpointer(full, cfg.to_dict(), every=1))
+        model.save(tmp_path / "ctrl.safetensors")
+        loaded = ControlledDenoiser.load(tmp_path / "ctrl.safetensors", backend)
+        cond = Cond(torch.tensor([0, 2]), {"mine": torch.tensor([1, 0])})
+        assert torch.equal(_draw(model, backend, cond), _draw(loaded, backend, cond))
+        assert not torch.equal(_draw(model, backend, cond), _draw(backend.denoiser, backend, cond))
+        resumed, _ = finetune(backend, terms, cfg, progress=False, ckpt=Checkpointer(mid, cfg.to_dict(), every=1))
     a, b = model.adapter_state(), resumed.adapter_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
