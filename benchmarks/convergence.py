@@ -51,7 +51,6 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
     ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3"]),
     ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100"]),
     ("rank 16, 400 steps", "default", ["rl.steps=400"]),
-    ("rank 16, a control row per (c, y)", "default", ["rl.y_embedding=per_c"]),
 ]
 
 

@@ -35,28 +35,6 @@ def test_equal_to_base_at_init(tiny_backend, rank):
     torch.testing.assert_close(y_guidance(model, 4.0)(x, t, cond), base, atol=1e-6, rtol=0)
 
 
-def test_per_c_rows_move_only_their_own_request(tiny_backend, tmp_path):
-    """y_embedding="per_c": the base at init; a row set for (c = 2, y = 1) moves requests (2, 1) and no other; the
-    null rows of every c get no gradient; the layout survives save/load."""
-    model = ControlledDenoiser(tiny_backend, {"a": 3}, lora_rank=0, y_embedding="per_c")
-    x, t, _ = _batch(4)
-    cond = Cond(torch.tensor([2, 2, 5, 10]), {"a": torch.tensor([1, 0, 1, 1])})  # c = 10 is the null c
-    base = tiny_backend.denoiser(x, t, cond)
-    assert torch.equal(model(x, t, cond), base)
-    with torch.no_grad():
-        model.embeddings["a"].weight[2 * 4 + 1] = 1.0  # block c = 2 (4 rows: y = 0, 1, 2, null), row y = 1
-    moved = (model(x, t, cond) - base).flatten(1).abs().amax(1)
-    assert moved[0] > 1e-3 and torch.equal(moved[1:], torch.zeros(3))
-    model.embeddings["a"].weight.grad = None
-    model(x, t, Cond(cond.c, {"a": torch.tensor([3, 3, 3, 3])})).sum().backward()  # y = 3: the null rows
-    assert model.embeddings["a"].weight.grad.abs().sum() == 0
-    model.save(tmp_path / "m.safetensors")
-    loaded = ControlledDenoiser.load(tmp_path / "m.safetensors", tiny_backend)
-    assert loaded.y_embedding == "per_c" and torch.equal(loaded(x, t, cond), model(x, t, cond))
-    with pytest.raises(CtrlDiffError, match="y_embedding='nope'"):
-        ControlledDenoiser(tiny_backend, {"a": 3}, y_embedding="nope")
-
-
 def test_only_new_parameters_are_trainable(tiny_backend):
     model = ControlledDenoiser(tiny_backend, {"a": 3}, lora_rank=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

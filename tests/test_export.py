@@ -35,17 +35,17 @@ UNET_ARGS = ["--preset", "tiny", "--set", f"sampler.steps={STEPS}"]
 SD_ARGS = ["--preset", "sd_tiny", "--set", f"sampler.steps={STEPS}"]  # text CFG 7.5
 
 
-def fine_tuned(backend, path: Path, seed: int = 1, y_embedding: str = "shared") -> Path:
+def fine_tuned(backend, path: Path, seed: int = 1) -> Path:
     """A checkpoint as `finetune` writes one, with seeded non-zero LoRA and control rows (null rows zero)."""
     torch.manual_seed(seed)  # LoRA's A
-    model = ControlledDenoiser(backend, CONTROLS, lora_rank=4, final_step="base", y_embedding=y_embedding)
+    model = ControlledDenoiser(backend, CONTROLS, lora_rank=4, final_step="base")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or name.startswith("embeddings."):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        for k, emb in model.embeddings.items():
-            emb.weight.view(-1, CONTROLS[k] + 1, emb.weight.shape[-1])[:, -1].zero_()
+        for emb in model.embeddings.values():
+            emb.weight[-1].zero_()
     model.save(path, {"method": "ctrl", "gammas": {"mine": 10.0, "other": 5.0}, "base": base_hash(backend)})
     return path
 
@@ -73,11 +73,11 @@ def exported(tmp_path_factory):
     cond = save_pipeline(root / "cond", channels=1, classes=3, prediction="v_prediction", pipeline="DDIMPipeline")
     sd = save_sd(root / "sd")
     cases = {"uncond": (uncond, ["--y", "mine=1"]), "cond": (cond, ["--y", "mine=0", "--y", "other=2"]),
-             "cond-all": (cond, ["--all-y"]), "cond-per-c": (cond, ["--all-y"]), "sd": (sd, ["--y", "mine=1"])}
+             "cond-all": (cond, ["--all-y"]), "sd": (sd, ["--y", "mine=1"])}
     out = {}
     for name, (base, flags) in cases.items():
         backend = load_sd(base, PROMPTS) if name == "sd" else load_unet2d(base)
-        ckpt = fine_tuned(backend, root / f"{name}.safetensors", y_embedding="per_c" if name == "cond-per-c" else "shared")
+        ckpt = fine_tuned(backend, root / f"{name}.safetensors")
         assert _export(base, ckpt, root / f"{name}-exported", *flags, *(SD_ARGS if name == "sd" else UNET_ARGS)) == 0
         out[name] = (base, ckpt, root / f"{name}-exported", backend)
     return out
@@ -93,7 +93,7 @@ def _eps(backend, raw, x, t):
 
 def _requests(name):
     """(c, y, the exported UNet's class label) of each export's checked requests."""
-    if name in ("cond-all", "cond-per-c"):  # row (c * 2 + y_mine) * 3 + y_other, as the folder's README says
+    if name == "cond-all":  # row (c * 2 + y_mine) * 3 + y_other, as the folder's README says
         rows = [0, 5, 7, 17]
         return [((r // 3) // 2, {"mine": (r // 3) % 2, "other": r % 3}, r) for r in rows]
     y = {"uncond": {"mine": 1}, "cond": {"mine": 0, "other": 2}, "sd": {"mine": 1}}[name]
@@ -101,7 +101,7 @@ def _requests(name):
     return [(c, y, c) for c in cs]
 
 
-@pytest.mark.parametrize("name", ["uncond", "cond", "cond-all", "cond-per-c", "sd"])
+@pytest.mark.parametrize("name", ["uncond", "cond", "cond-all", "sd"])
 def test_the_exported_unet_is_the_augmented_model(exported, name):
     _, ckpt, out, backend = exported[name]
     if name == "sd":  # one UNet call, without text CFG
@@ -252,7 +252,6 @@ def _one_line_error(capsys, *words):
 def test_errors_are_one_line_and_write_nothing(exported, tmp_path, capsys):
     base, ckpt, _, _ = exported["uncond"]
     sd_base, sd_ckpt = exported["sd"][:2]
-    per_c_base, per_c_ckpt = exported["cond-per-c"][:2]
     other = save_pipeline(tmp_path / "other")  # the same architecture, one weight moved
     from diffusers import UNet2DModel
 
@@ -274,8 +273,6 @@ def test_errors_are_one_line_and_write_nothing(exported, tmp_path, capsys):
              ((other, ckpt, tmp_path / "o", "--y", "mine=1", *UNET_ARGS), [recorded, moved, str(other)]),
              ((sd_base, sd_ckpt, tmp_path / "o", "--all-y", *SD_ARGS), ["--all-y", "StableDiffusionPipeline"]),
              ((post_act, post_ckpt, tmp_path / "o", "--y", "mine=1", *SD_ARGS), ["post-activation"]),
-             ((per_c_base, per_c_ckpt, tmp_path / "o", "--y", "mine=1", "--y", "other=0", *UNET_ARGS),
-              ["y_embedding='per_c'", "--all-y"]),
              ((base, ckpt, tmp_path / "o", "--y", "mine=1", "--set", "sampler.eta=0.5"), ["sampler.eta=0.5"])]
     for args, words in cases:
         before, entries = {**_snapshot(tmp_path), **_snapshot(base.parent)}, sorted(tmp_path.iterdir())

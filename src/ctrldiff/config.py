@@ -55,8 +55,7 @@ class ClassifierConfig:
 
 LR_SCHEDULES = ("constant", "cosine")  # rl.lr_schedule (rl.finetune.lr_factor)
 CHOICES = {"final_step": ("model", "base"), "lr_schedule": LR_SCHEDULES, "kl": ("sum", "mean"),
-           "adapter": ("lora", "full"), "estimator": ("backprop", "adjoint"),
-           "y_embedding": ("shared", "per_c")}  # string keys of `rl` and their values
+           "adapter": ("lora", "full"), "estimator": ("backprop", "adjoint")}  # string keys of `rl` and their values
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -84,8 +83,6 @@ class RLConfig:
     # the fine-tuned "model" (docs/tuning.md, section final step)
     adapter: str = "lora"  # what trains besides the control embeddings: "lora" (rank lora_rank) or "full" (every
     # weight of a copy of the network, at rate lr_lora)
-    y_embedding: str = "shared"  # a control's embedding rows: one per y whatever c, as in the paper ("shared"), or
-    # one per (c, y) ("per_c", for bases whose c is a class index; docs/tuning.md, ctrl-tune)
     estimator: str = "backprop"  # "backprop": the paper's back-propagation through the chain (Algorithm 2);
     # "adjoint": Adjoint Matching, a regression onto the lean adjoint (rl/adjoint.py; needs final_step "base")
     adjoint_steps: int | None = None  # "adjoint": the stochastic steps regressed per rollout, drawn at random; null = all

@@ -127,9 +127,6 @@ def with_control(model: ControlledDenoiser, y: dict[str, int]) -> nn.Module:
         raise CtrlDiffError("this base's time embedding does not end in linear_2 (it has a post-activation), so the "
                             "control is no bias there; export needs a time embedding that ends in linear_2 (SD 1.x, "
                             "UNet2DModel's default), or --all-y on a UNet2DModel")
-    if model.blocks > 1:
-        raise CtrlDiffError("this model's control rows depend on c (y_embedding='per_c'), so one y is no single bias; "
-                            "export it with --all-y (every (c, y) in the class table)")
     emb = model.control_embedding({k: torch.tensor([v]) for k, v in y.items()})[0]
     state = net.state_dict()
     bias = state["time_embedding.linear_2.bias"]
@@ -148,7 +145,7 @@ def with_class_table(model: ControlledDenoiser, backend) -> tuple[nn.Module, nn.
     of c + the controls' rows, both added where the time embedding is) and the base with the same table
     without the controls (the exact pipeline's last step)."""
     grid = request_grid(backend.num_c, model.controls)
-    control = model.control_embedding({k: grid[:, i + 1] for i, k in enumerate(model.controls)}, grid[:, 0])
+    control = model.control_embedding({k: grid[:, i + 1] for i, k in enumerate(model.controls)})
     base_rows = (backend.net.class_embedding.weight[grid[:, 0]] if backend.conditional
                  else torch.zeros_like(control))
     net = merged_net(model)
@@ -189,8 +186,7 @@ def check_written(folder: Path, kind: str, model: ControlledDenoiser, backend, r
             x = torch.randn((1, *backend.shape), generator=g).to(dtype)
             t = torch.randint(0, backend.schedule.num_train_timesteps, (1,), generator=g)
             own = _inputs(kind, backend, c, c if getattr(backend, "conditional", False) else None)
-            emb = (model.control_embedding({k: torch.tensor([v]) for k, v in y.items()}, torch.tensor([c]))
-                   if part == "unet" else None)
+            emb = model.control_embedding({k: torch.tensor([v]) for k, v in y.items()}) if part == "unet" else None
             with added_to_time_embedding(model.net, emb):
                 want = (model.net if part == "unet" else backend.net)(x, t, **own).sample
             gap = (written(x, t, **_inputs(kind, backend, c, label)).sample - want).abs().max().item()

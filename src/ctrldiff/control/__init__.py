@@ -3,9 +3,7 @@
 The frozen pre-trained network plus, for each new control, an embedding table with K+1 rows added to the
 timestep embedding (all rows zero at init; row K is "null" and stays zero), plus LoRA through peft (or, with
 adapter="full", every weight of a copy of the network trainable). At step 0 the augmented model is the
-pre-trained one exactly. With y_embedding="per_c" the table has a row per (c, y) instead of per y, for bases whose
-c is a class index (num_c values plus the null c): each request then has a vector of its own, so "leave this
-digit alone" and "move that one" need not both be said through the shared LoRA factors (docs/tuning.md).
+pre-trained one exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from ..io import CtrlDiffError, load_weights, save_weights
 LORA_TARGETS = ["conv1", "conv2", "emb_proj"]  # the ResBlocks' convolutions and embedding projections
 FINAL_STEPS = ("model", "base")  # who takes the last, deterministic step (see `sampling.sample`'s `final`)
 ADAPTERS = ("lora", "full")  # what trains besides the control embeddings: LoRA factors, or every network weight
-Y_EMBEDDINGS = ("shared", "per_c")  # a control's rows: one per y for every c (the paper's), or one per (c, y)
 
 
 def frozen_copy(net: nn.Module, share: bool = False) -> nn.Module:
@@ -33,31 +30,23 @@ def frozen_copy(net: nn.Module, share: bool = False) -> nn.Module:
     return copy.deepcopy(net, memo).requires_grad_(False)
 
 
-def _null_rows_stay(k: int):
-    """A gradient hook keeping every null-y row (y = K, the last of each block of K+1) at zero."""
-    def hook(grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        grad.view(-1, k + 1, grad.shape[-1])[:, -1] = 0
-        return grad
-    return hook
+def _zero_null_row(grad: Tensor) -> Tensor:
+    grad = grad.clone()
+    grad[-1] = 0
+    return grad
 
 
 class ControlledDenoiser(nn.Module):
     """The augmented model as a Denoiser: `model(x_t, t, Cond(c, {name: y}))`; a missing control means null."""
 
     def __init__(self, backend, controls: dict[str, int], lora_rank: int = 16, lora_targets=None,
-                 final_step: str = "base", adapter: str = "lora", y_embedding: str = "shared"):
+                 final_step: str = "base", adapter: str = "lora"):
         super().__init__()
         if final_step not in FINAL_STEPS:
             raise CtrlDiffError(f"final_step={final_step!r}; choose from {FINAL_STEPS}")
         if adapter not in ADAPTERS:
             raise CtrlDiffError(f"adapter={adapter!r}; choose from {ADAPTERS}")
-        if y_embedding not in Y_EMBEDDINGS:
-            raise CtrlDiffError(f"y_embedding={y_embedding!r}; choose from {Y_EMBEDDINGS}")
-        if y_embedding == "per_c" and backend.num_c < 2:
-            raise CtrlDiffError("y_embedding='per_c' needs a base conditioned on a class index c; this one has none")
-        self.backend, self.final_step, self.adapter, self.y_embedding = backend, final_step, adapter, y_embedding
-        self.blocks = backend.num_c + 1 if y_embedding == "per_c" else 1  # one block of K+1 rows per c (and null c)
+        self.backend, self.final_step, self.adapter = backend, final_step, adapter
         self.controls = dict(controls)
         self.lora_rank = lora_rank if adapter == "lora" else 0
         self.lora_targets = list(lora_targets or getattr(backend, "lora_targets", LORA_TARGETS))
@@ -74,23 +63,20 @@ class ControlledDenoiser(nn.Module):
         self.net = net
         self.embeddings = nn.ModuleDict()
         for name, k in self.controls.items():
-            emb = nn.Embedding(self.blocks * (k + 1), backend.emb_dim)
+            emb = nn.Embedding(k + 1, backend.emb_dim)
             nn.init.zeros_(emb.weight)
-            emb.weight.register_hook(_null_rows_stay(k))  # the null rows never move
+            emb.weight.register_hook(_zero_null_row)  # the null row never moves
             self.embeddings[name] = emb
 
-    def control_embedding(self, y: dict[str, Tensor], c: Tensor | None = None) -> Tensor | None:
-        """The sum of the controls' rows for y (and, with y_embedding="per_c", for the base's condition c; None
-        is the null c, num_c)."""
+    def control_embedding(self, y: dict[str, Tensor]) -> Tensor | None:
         unknown = set(y) - set(self.embeddings)
         if unknown:
             raise CtrlDiffError(f"unknown control {min(unknown)!r}; this model has {sorted(self.embeddings)}")
-        block = 0 if self.blocks == 1 else self.backend.num_c if c is None else c.long()
-        embs = [self.embeddings[k](block * (self.controls[k] + 1) + v) for k, v in y.items()]
+        embs = [self.embeddings[k](v) for k, v in y.items()]
         return torch.stack(embs).sum(0) if embs else None
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y, cond.c))
+        return self.backend.call(self.net, x_t, t, cond.c, self.control_embedding(cond.y))
 
     def final(self, backend) -> Denoiser | None:
         """The denoiser of the chain's last, deterministic step: the frozen base if `final_step == "base"`
@@ -127,8 +113,7 @@ class ControlledDenoiser(nn.Module):
 
     def meta(self) -> dict:
         return {"kind": "ctrl", "controls": self.controls, "lora_rank": self.lora_rank,
-                "lora_targets": self.lora_targets, "final_step": self.final_step, "adapter": self.adapter,
-                "y_embedding": self.y_embedding}
+                "lora_targets": self.lora_targets, "final_step": self.final_step, "adapter": self.adapter}
 
     def save(self, path, extra: dict | None = None) -> None:
         save_weights(path, self.adapter_state(), {**self.meta(), **(extra or {})})
@@ -140,7 +125,7 @@ class ControlledDenoiser(nn.Module):
         if meta.get("kind") != "ctrl":
             raise CtrlDiffError(f"{path} is not a CTRL checkpoint (kind={meta.get('kind')!r})")
         model = cls(backend, meta["controls"], meta["lora_rank"], meta["lora_targets"],
-                    meta.get("final_step", "model"), meta.get("adapter", "lora"), meta.get("y_embedding", "shared"))
+                    meta.get("final_step", "model"), meta.get("adapter", "lora"))
         expected = model.adapter_state()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
             raise CtrlDiffError(f"checkpoint {path} does not match the base model it is loaded on")

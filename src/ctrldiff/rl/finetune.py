@@ -118,8 +118,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     torch.manual_seed(cfg.seed)
     controls = {t.control.name: t.control.num_classes for t in terms}
     gammas = {t.control.name: t.gamma for t in terms}
-    model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step, adapter=rc.adapter,
-                               y_embedding=rc.y_embedding)
+    model = ControlledDenoiser(backend, controls, rc.lora_rank, final_step=rc.final_step, adapter=rc.adapter)
     if init is not None:
         start_from(model, init)
     groups = [{"params": model.embedding_parameters(), "lr": rc.lr_emb}]
