@@ -51,6 +51,8 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
     ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3"]),
     ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100"]),
     ("rank 16, 400 steps", "default", ["rl.steps=400"]),
+    ("rank 16, seed 1", "default", ["seed=1"]),  # is the LoRA-rate row's gain larger than a seed's spread?
+    ("rank 16, LoRA lr 1e-2, seed 1", "default", ["rl.lr_lora=1e-2", "seed=1"]),
 ]
 
 
