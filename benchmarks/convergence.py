@@ -85,10 +85,13 @@ def part_rows(args, rows: list, section: str, title: str) -> None:
     picked = range(len(rows)) if args.pick is None else args.pick
     jobs = [(rows[i][1], [*args.overrides, *rows[i][2]], args.out / f"{i:02d}-{rows[i][1]}") for i in picked]
     extra = ["--classifiers", str(args.classifiers)] if args.classifiers else []
+    reused = sum((out / "result.json").is_file() for _, _, out in jobs)  # run_tasks keeps a finished row's result
     results = run_tasks(__file__, jobs, args.parallel, args.threads, extra)
+    threads = f"{args.threads} thread(s) each" if args.parallel > 1 else "every thread"  # run_tasks' OMP_NUM_THREADS
     lines = [f"## {title}\n",
              (f"Produced by `{_command(args.part)}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
-              f"{(time.time() - t0) / 60:.0f} min ({args.parallel} runs at a time, {args.threads} thread(s) each: "
+              f"{(time.time() - t0) / 60:.0f} min for {len(jobs) - reused} rows, {reused} re-tabulated from an "
+              f"earlier run's result.json ({args.parallel} runs at a time, {threads}: "
               "the seconds are under that load, `step-time` gives them alone). Each row fine-tunes CTRL on the "
               "same reward classifiers (γ = 10) and is evaluated as `ctrldiff evaluate --classifiers` does: "
               "128 samples per class for accuracy, fidelity and feature-FID, and "
