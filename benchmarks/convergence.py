@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,27 +33,31 @@ TUNING_MD = ROOT / "docs" / "tuning.md"
 CLASSIFIERS = {"default": Path("runs/clf-c4"), "multi": Path("runs/clf-multi")}
 
 # (label, preset, overrides); a row's index names its run folder, so rows are only ever appended
-R4 = ["rl.lora_rank=4"]  # the floor's reference is the old default, rank 4 (the default is 16 since this table)
+LR3 = ["rl.lr_lora=3e-3"]  # the LoRA rate of the rows measured before TUNE row 0 made 1e-2 the default
+R4 = ["rl.lora_rank=4", *LR3]  # the floor's reference is the old default, rank 4 (the default is 16 since this table)
 FLOOR = [
     ("rank 4, backprop, 20-step chain, 200 steps (the old default)", "default", R4),
-    ("rank 16", "default", ["rl.lora_rank=16"]),
-    ("rank 64", "default", ["rl.lora_rank=64"]),
+    ("rank 16", "default", ["rl.lora_rank=16", *LR3]),
+    ("rank 64", "default", ["rl.lora_rank=64", *LR3]),
     ("full network, lr 3e-4", "default", ["rl.adapter=full", "rl.lr_lora=3e-4"]),
     ("40-step chain", "default", [*R4, "sampler.steps=40"]),
     ("adjoint", "default", [*R4, "rl.estimator=adjoint"]),
-    ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16"]),
+    ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16", *LR3]),
     ("400 steps", "default", [*R4, "rl.steps=400"]),
     ("adjoint, 4 updates per rollout", "default", [*R4, "rl.estimator=adjoint", "rl.adjoint_updates=4"]),
     ("adjoint, rank 16, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.lora_rank=16",
-                                                            "rl.adjoint_updates=4"]),
+                                                            "rl.adjoint_updates=4", *LR3]),
 ]
 TUNE = [  # around the new default (rank 16, the floor table's best at the old step time): rates, batch, steps
     ("rank 16, LoRA lr 1e-2", "default", ["rl.lr_lora=1e-2"]),
-    ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3"]),
-    ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100"]),
-    ("rank 16, 400 steps", "default", ["rl.steps=400"]),
-    ("rank 16, seed 1", "default", ["seed=1"]),  # is the LoRA-rate row's gain larger than a seed's spread?
+    ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3", *LR3]),
+    ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100", *LR3]),
+    ("rank 16, 400 steps", "default", ["rl.steps=400", *LR3]),
+    ("rank 16, seed 1", "default", ["seed=1", *LR3]),  # is the LoRA-rate row's gain larger than a seed's spread?
     ("rank 16, LoRA lr 1e-2, seed 1", "default", ["rl.lr_lora=1e-2", "seed=1"]),
+    # the default from here on: LoRA lr 1e-2
+    ("rank 16, LoRA lr 1e-2, 400 steps", "default", ["rl.lora_rank=16", "rl.lr_lora=1e-2", "rl.steps=400"]),
+    ("rank 64, LoRA lr 1e-2", "default", ["rl.lora_rank=64", "rl.lr_lora=1e-2"]),
 ]
 
 
@@ -64,10 +69,12 @@ def row_line(label: str, r: dict) -> str:
     """One table row: cost, the oracle's and the monitor's verdicts, and the meter on trusted and all requests."""
     c, t = r["results"]["ctrl"], r["results"]["target"]
     tr, al = c["yardstick"]["trusted"], c["yardstick"]["all"]
-    steps = r["config"]["rl"]["steps"]
+    rl = r["config"]["rl"]
+    steps, adapter = rl["steps"], (f"rank {rl['lora_rank']}" if rl["adapter"] == "lora" else rl["adapter"])
     sec = r["step_seconds"]
     per_step = (sec[-1] - sec[2]) / (len(sec) - 3) if len(sec) > 3 else float("nan")
-    return (f"| {label} | {per_step:.2f} | {r['finetune_seconds']:.0f} | {r['peak_rss_gb']:.2f} | "
+    return (f"| {label} | {adapter}, {rl['lr_lora']:g} | {per_step:.2f} | {r['finetune_seconds']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} | "
             f"{acc(c):.3f} / {acc(t):.3f} | {c.get('monitor_accuracy', float('nan')):.3f} | "
             f"{c['trusted']['accuracy']:.3f} / {t['trusted']['accuracy']:.3f} | {c['digit_fidelity']:.3f} / "
             f"{t['digit_fidelity']:.3f} | {c['feature_fid'] / t['feature_fid']:.2f} | "
@@ -75,7 +82,7 @@ def row_line(label: str, r: dict) -> str:
             f"({al['flagged']} flagged) | {gap_trend(r['gap_all_curve'])} | {steps} |")
 
 
-HEAD = ("| row | s / step | fine-tune s | peak GiB | acc, CTRL / target | monitor acc | acc on trusted requests, "
+HEAD = ("| row | adapter, LoRA lr | s / step | fine-tune s | peak GiB | acc, CTRL / target | monitor acc | acc on trusted requests, "
         "CTRL / target | digit fidelity, CTRL / target | FID / target's | log Z − J, trusted (requests) | "
         "log Z − J, all requests | meter over training (all requests) | steps |")
 
@@ -99,7 +106,7 @@ def part_rows(args, rows: list, section: str, title: str) -> None:
               "(nats, ± Monte-Carlo error): on the requests the bank trusts (its log Z), and on all 40 (log Z the "
               "larger of the bank's and the path weights' estimate; flagged: both ESS small, the gap there a lower "
               "bound). The meter over training is `gap_all` (every request), mean of each fifth of the steps.\n"),
-             HEAD, "|---" * 13 + "|"]
+             HEAD, "|---" * 14 + "|"]
     lines += [row_line(rows[i][0], r) for i, r in zip(picked, results)]
     write_section(TUNING_MD, section, "\n".join(lines))
     print("\n".join(lines))
@@ -162,25 +169,29 @@ def part_own(args) -> None:
         ["finetune", "--classifiers", str(out / "clf"), "--control", "slant3", "--out", str(out / "ctrl"), *sets],
         ["evaluate", "--ckpt", str(out / "ctrl" / "ctrl.safetensors"), "--classifiers", str(out / "clf"),
          "--control", "slant3", "--out", str(out / "eval"), *sets]]
-    seconds = []
+    seconds, peak = [], []
     for cmd in commands:
         t = time.time()
         subprocess.run([sys.executable, "-m", "ctrldiff.cli", *cmd, "--overwrite"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         seconds.append(time.time() - t)
+        peak.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)  # KiB: the largest child so far
     results = json.loads((out / "eval" / "metrics.json").read_text())
-    r = {"results": results, "finetune_seconds": seconds[1], "peak_rss_gb": float("nan"), "gap_all_curve": [
-        json.loads(x)["gap_all"] for x in (out / "ctrl" / "metrics.jsonl").read_text().splitlines() if "gap_all" in x],
-        "step_seconds": [], "config": json.loads((out / "ctrl" / "config.json").read_text())}
+    recs = [json.loads(x) for x in (out / "ctrl" / "metrics.jsonl").read_text().splitlines()]
+    r = {"results": results, "finetune_seconds": seconds[1], "peak_rss_gb": peak[1],
+         "gap_all_curve": [x["gap_all"] for x in recs if "gap_all" in x],
+         "step_seconds": [x["seconds"] for x in recs if "seconds" in x],
+         "config": json.loads((out / "ctrl" / "config.json").read_text())}
     lines = ["## The defaults on a control of our own (slant, 3 classes, from a folder of PNGs)\n",
              (f"Produced by `{_command('own')}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{(time.time() - t0) / 60:.0f} min. 2,000 training digits labelled by their slant "
               "(benchmarks/slant.py: leaning left, upright, leaning right, the tertiles of the training digits) and "
               "written as PNGs, one folder per class; then, as a user would, `ctrldiff classifier --pairs ... "
               "--oracle slant3=slant:label`, `ctrldiff finetune --classifiers ...` and `ctrldiff evaluate --ckpt "
-              f"... --classifiers ...` (seconds: {', '.join(f'{s:.0f}' for s in seconds)}). The oracle is the "
+              f"... --classifiers ...` (seconds: {', '.join(f'{s:.0f}' for s in seconds)}; peak GiB: the larger of "
+              "the classifier's and the fine-tune's). The oracle is the "
               "user's labeller; the target's columns come from the shipped bank.\n"),
-             HEAD, "|---" * 13 + "|", row_line("defaults" + (f" ({', '.join(args.overrides)})" if args.overrides
+             HEAD, "|---" * 14 + "|", row_line("defaults" + (f" ({', '.join(args.overrides)})" if args.overrides
                                                               else ""), r)]
     write_section(TUNING_MD, "ctrl-own-control", "\n".join(lines))
     print("\n".join(lines))
