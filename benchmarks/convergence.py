@@ -58,6 +58,7 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
     # the default from here on: LoRA lr 1e-2
     ("rank 16, LoRA lr 1e-2, 400 steps", "default", ["rl.lora_rank=16", "rl.lr_lora=1e-2", "rl.steps=400"]),
     ("rank 64, LoRA lr 1e-2", "default", ["rl.lora_rank=64", "rl.lr_lora=1e-2"]),
+    ("rank 16, LoRA lr 1e-2, batch 16, 400 steps", "default", ["rl.lr_lora=1e-2", "rl.batch=16", "rl.steps=400"]),
 ]
 
 
