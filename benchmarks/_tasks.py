@@ -36,6 +36,9 @@ def ctrl_task(preset: str, overrides: list[str], out: Path, classifiers: Path | 
     cfg = C.apply_overrides(C.preset(preset), overrides)
     resume = (out / "config.json").is_file() and C.config_diff(json.loads((out / "config.json").read_text()),
                                                                cfg.to_dict()) is None
+    # a finished run re-entered (say, its row relabelled) skips the fine-tune: keep the peak it had then
+    earlier = out / "result.json"
+    earlier_peak = json.loads(earlier.read_text()).get("peak_rss_gb", 0.0) if resume and earlier.is_file() else 0.0
     run = Run(out, cfg, overwrite=not resume, resume=resume)
     t0 = time.time()
     if classifiers is None:
@@ -58,7 +61,7 @@ def ctrl_task(preset: str, overrides: list[str], out: Path, classifiers: Path | 
             "gap_curve": [r["gap"] for r in records if "gap" in r],
             "gap_all_curve": [r["gap_all"] for r in records if "gap_all" in r],
             "step_seconds": [r["seconds"] for r in records if "seconds" in r],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": max(earlier_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)}
 
 
 def run_tasks(script: str, jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int = 1,

@@ -34,32 +34,38 @@ CLASSIFIERS = {"default": Path("runs/clf-c4"), "multi": Path("runs/clf-multi")}
 
 # (label, preset, overrides); a row's index names its run folder, so rows are only ever appended
 LR3 = ["rl.lr_lora=3e-3"]  # the LoRA rate of the rows measured before TUNE row 0 made 1e-2 the default
+B32 = ["rl.batch=32"]  # the batch and steps of the rows measured before TUNE rows 8-9 made 16 x 400 the default
+OLD = [*B32, "rl.steps=200"]
 R4 = ["rl.lora_rank=4", *LR3]  # the floor's reference is the old default, rank 4 (the default is 16 since this table)
 FLOOR = [
-    ("rank 4, backprop, 20-step chain, 200 steps (the old default)", "default", R4),
-    ("rank 16", "default", ["rl.lora_rank=16", *LR3]),
-    ("rank 64", "default", ["rl.lora_rank=64", *LR3]),
-    ("full network, lr 3e-4", "default", ["rl.adapter=full", "rl.lr_lora=3e-4"]),
-    ("40-step chain", "default", [*R4, "sampler.steps=40"]),
-    ("adjoint", "default", [*R4, "rl.estimator=adjoint"]),
-    ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16", *LR3]),
-    ("400 steps", "default", [*R4, "rl.steps=400"]),
-    ("adjoint, 4 updates per rollout", "default", [*R4, "rl.estimator=adjoint", "rl.adjoint_updates=4"]),
+    ("rank 4, backprop, 20-step chain, 200 steps (the old default)", "default", [*R4, *OLD]),
+    ("rank 16", "default", ["rl.lora_rank=16", *LR3, *OLD]),
+    ("rank 64", "default", ["rl.lora_rank=64", *LR3, *OLD]),
+    ("full network, lr 3e-4", "default", ["rl.adapter=full", "rl.lr_lora=3e-4", *OLD]),
+    ("40-step chain", "default", [*R4, "sampler.steps=40", *OLD]),
+    ("adjoint", "default", [*R4, "rl.estimator=adjoint", *OLD]),
+    ("adjoint, rank 16", "default", ["rl.estimator=adjoint", "rl.lora_rank=16", *LR3, *OLD]),
+    ("400 steps", "default", [*R4, "rl.steps=400", *B32]),
+    ("adjoint, 4 updates per rollout", "default", [*R4, "rl.estimator=adjoint", "rl.adjoint_updates=4", *OLD]),
     ("adjoint, rank 16, 4 updates per rollout", "default", ["rl.estimator=adjoint", "rl.lora_rank=16",
-                                                            "rl.adjoint_updates=4", *LR3]),
+                                                            "rl.adjoint_updates=4", *LR3, *OLD]),
 ]
 TUNE = [  # around the new default (rank 16, the floor table's best at the old step time): rates, batch, steps
-    ("rank 16, LoRA lr 1e-2", "default", ["rl.lr_lora=1e-2"]),
-    ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3", *LR3]),
+    ("rank 16, LoRA lr 1e-2", "default", ["rl.lr_lora=1e-2", *OLD]),
+    ("rank 16, embedding lr 0.3", "default", ["rl.lr_emb=0.3", *LR3, *OLD]),
     ("rank 16, batch 64, 100 steps", "default", ["rl.batch=64", "rl.steps=100", *LR3]),
-    ("rank 16, 400 steps", "default", ["rl.steps=400", *LR3]),
-    ("rank 16, seed 1", "default", ["seed=1", *LR3]),  # is the LoRA-rate row's gain larger than a seed's spread?
-    ("rank 16, LoRA lr 1e-2, seed 1", "default", ["rl.lr_lora=1e-2", "seed=1"]),
-    # the default from here on: LoRA lr 1e-2
-    ("rank 16, LoRA lr 1e-2, 400 steps", "default", ["rl.lora_rank=16", "rl.lr_lora=1e-2", "rl.steps=400"]),
-    ("rank 64, LoRA lr 1e-2", "default", ["rl.lora_rank=64", "rl.lr_lora=1e-2"]),
+    ("rank 16, 400 steps", "default", ["rl.steps=400", *LR3, *B32]),
+    ("rank 16, seed 1", "default", ["seed=1", *LR3, *OLD]),  # is the LoRA-rate row's gain larger than a seed's spread?
+    ("rank 16, LoRA lr 1e-2, seed 1", "default", ["rl.lr_lora=1e-2", "seed=1", *OLD]),
+    # LoRA lr 1e-2 the default from here on
+    ("rank 16, LoRA lr 1e-2, 400 steps", "default", ["rl.lora_rank=16", "rl.lr_lora=1e-2", "rl.steps=400", *B32]),
+    ("rank 64, LoRA lr 1e-2", "default", ["rl.lora_rank=64", "rl.lr_lora=1e-2", *OLD]),
     ("rank 16, LoRA lr 1e-2, batch 16, 400 steps", "default", ["rl.lr_lora=1e-2", "rl.batch=16", "rl.steps=400"]),
+    ("rank 16, LoRA lr 1e-2, batch 16, 400 steps, seed 1", "default",
+     ["rl.lr_lora=1e-2", "rl.batch=16", "rl.steps=400", "seed=1"]),
+    # batch 16 x 400 steps the default from here on
 ]
+
 
 
 def _command(part: str) -> str:
@@ -98,8 +104,8 @@ def part_rows(args, rows: list, section: str, title: str) -> None:
     threads = f"{args.threads} thread(s) each" if args.parallel > 1 else "every thread"  # run_tasks' OMP_NUM_THREADS
     lines = [f"## {title}\n",
              (f"Produced by `{_command(args.part)}` on {machine()}, {time.strftime('%Y-%m-%d')}; "
-              f"{(time.time() - t0) / 60:.0f} min for {len(jobs) - reused} rows, {reused} re-tabulated from an "
-              f"earlier run's result.json ({args.parallel} runs at a time, {threads}: "
+              + (f"{(time.time() - t0) / 60:.0f} min for {len(jobs) - reused} rows, " if reused < len(jobs) else "")
+              + f"{reused} re-tabulated from an earlier run's result.json ({args.parallel} runs at a time, {threads}: "
               "the seconds are under that load, `step-time` gives them alone). Each row fine-tunes CTRL on the "
               "same reward classifiers (γ = 10) and is evaluated as `ctrldiff evaluate --classifiers` does: "
               "128 samples per class for accuracy, fidelity and feature-FID, and "
