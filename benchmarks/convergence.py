@@ -122,13 +122,14 @@ def part_rows(args, rows: list, section: str, title: str) -> None:
 def part_step_time(args) -> None:
     """Seconds per optimiser step (steps 3-10 of a short fine-tune, this process's threads) of each estimator and
     adapter on the default preset, with classifiers from --classifiers."""
-    base = C.apply_overrides(C.preset("default"), ["rl.monitor_every=0", "rl.steps=10", *args.overrides])
+    base = C.apply_overrides(C.preset("default"), ["rl.monitor_every=0", "rl.steps=10", *B32, *args.overrides])
     terms = load_reward_terms(base, args.classifiers or CLASSIFIERS["default"])
     backend = backend_for(base)
     from ctrldiff.rl import finetune
 
     rows, load = [], os.getloadavg()[0]
     for label, ov in [("backprop, rank 4", ["rl.lora_rank=4"]), ("backprop, rank 16", ["rl.lora_rank=16"]),
+                      ("backprop, rank 16, batch 16 (the default since)", ["rl.lora_rank=16", "rl.batch=16"]),
                       ("backprop, rank 64", ["rl.lora_rank=64"]),
                       ("backprop, full network", ["rl.adapter=full"]),
                       ("backprop, rank 4, 40-step chain", ["rl.lora_rank=4", "sampler.steps=40"]),
@@ -142,8 +143,8 @@ def part_step_time(args) -> None:
         print(rows[-1], flush=True)
     lines = ["## Seconds per fine-tuning step, by estimator and adapter\n",
              (f"Produced by `{_command('step-time')}` on {machine()}, {torch.get_num_threads()} threads, "
-              f"{time.strftime('%Y-%m-%d')}, load average {load:.1f} at the start (other jobs beside it). The default preset (batch 32, 20 DDIM steps, the last "
-              "taken by the base), steps 3-10 of a short fine-tune:\n"),
+              f"{time.strftime('%Y-%m-%d')}, load average {load:.1f} at the start (other jobs beside it). The default preset at batch 32 (unless the row "
+              "says otherwise; 20 DDIM steps, the last taken by the base), steps 3-10 of a short fine-tune:\n"),
              "| estimator, adapter | s / step |", "|---|---|", *rows]
     write_section(TUNING_MD, "step-time-estimators", "\n".join(lines))
     print("\n".join(lines))
