@@ -34,8 +34,8 @@ CLASSIFIERS = {"default": Path("runs/clf-c4"), "multi": Path("runs/clf-multi")}
 
 # (label, preset, overrides); a row's index names its run folder, so rows are only ever appended
 LR3 = ["rl.lr_lora=3e-3"]  # the LoRA rate of the rows measured before TUNE row 0 made 1e-2 the default
-B32 = ["rl.batch=32"]  # the batch and steps of the rows measured before TUNE rows 8-9 made 16 x 400 the default
-OLD = [*B32, "rl.steps=200"]
+B32 = ["rl.batch=32"]  # the batch of the rows measured before TUNE rows 8-9 made 16 x 400 the default
+OLD = [*B32, "rl.steps=200"]  # and their steps, where the row does not set its own
 R4 = ["rl.lora_rank=4", *LR3]  # the floor's reference is the old default, rank 4 (the default is 16 since this table)
 FLOOR = [
     ("rank 4, backprop, 20-step chain, 200 steps (the old default)", "default", [*R4, *OLD]),
@@ -65,7 +65,6 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
      ["rl.lr_lora=1e-2", "rl.batch=16", "rl.steps=400", "seed=1"]),
     # batch 16 x 400 steps the default from here on
 ]
-
 
 
 def _command(part: str) -> str:

@@ -62,8 +62,8 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class RLConfig:
     controls: dict[str, float] = field(default_factory=lambda: {"compress4": 10.0})  # control -> gamma
-    steps: int = 400  # optimiser steps; 400 of batch 16 cost what 200 of 32 do and ended 0.15-0.4 nats nearer the
-    batch: int = 16  # target on two seeds (docs/tuning.md, ctrl-tune); (c, y) drawn fresh for each sample
+    steps: int = 400  # optimiser steps; 400 of batch 16 (the samples of 200 of 32) ended 0.15-0.4 nats nearer the
+    batch: int = 16  # target on two seeds, at 1-1.35x the wall-clock (docs/tuning.md, ctrl-tune); (c, y) fresh each
     lora_rank: int = 16  # 0 = embedding only; 16 costs what 4 does per step and ends ~1.1 nats nearer the target
     # (64: 0.4 nats more at 1.4x the step time; docs/tuning.md, ctrl-floor)
     lr_lora: float = 1e-2  # official SD: 1e-3 (compress4) / 3e-4 (multi); our small UNet tolerates more: 1e-2
@@ -77,7 +77,7 @@ class RLConfig:
     # reached 3-5 in 200 steps (docs/tuning.md, ctrl-tuning)
     checkpoint: bool = False  # gradient checkpointing (memory tool; ~50% slower on CPU)
     monitor_every: int = 25  # steps between evaluations of the independent monitor classifier; 0 = never
-    checkpoint_every: int = 10  # steps between checkpoints (--resume; ~10 s of work at the default)
+    checkpoint_every: int = 10  # steps between checkpoints (--resume; ~20 s of work at the default)
     kl: str = "sum"  # "sum" over dimensions (gamma is the exponent); "mean" = the official code's (gamma * d)
     final_step: str = "base"  # who takes the last, deterministic step, which the path KL cannot see: the frozen
     # "base" (closes the KL-free lever the 2-D study found; measured nearer the target on images at gamma 10) or
