@@ -8,14 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctrldiff import config as C
 from ctrldiff.cli import main
+from ctrldiff.demo import run_side_by_side
+from ctrldiff.io import CtrlDiffError
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--presets", "tiny", "--out", str(out)]) == 0
+    assert main(["demo", "--presets", "tiny", "--out", str(out), "--jobs", "2"]) == 0  # in a worker process
+    assert "ctrl finetune" in (out / "tiny.log").read_text()  # the worker's progress bars went to its log
     return out / "tiny"
+
+
+def test_a_demo_preset_that_fails_names_itself_and_leaves_its_folder(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("precious")
+    with pytest.raises(CtrlDiffError, match=r"demo preset 'b' failed: run folder .* already exists.*b\.log"):
+        run_side_by_side({"b": C.preset("tiny")}, tmp_path, False, None, jobs=1)
+    assert (tmp_path / "b" / "keep.txt").read_text() == "precious" and (tmp_path / "b.log").is_file()
 
 
 def test_demo_writes_a_complete_run_folder(demo_dir):
@@ -74,6 +86,8 @@ def _cli(*args, cwd=None):
     (["evaluate", "--method", "target"], "method 'target' takes --classifiers"),
     (["evaluate", "--device", "gpu"], "device='gpu'; choose from ('auto', 'cpu', 'cuda')"),
     (["finetune", "--set", "target.per_c=0"], "target.per_c='0': choose a value in 1..inf"),
+    (["demo", "--presets", "tiny", "tiny"], "demo --presets tiny tiny: each preset once"),
+    (["demo", "--presets", "tiny", "--jobs", "0"], "demo --jobs 0: at least 1"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)

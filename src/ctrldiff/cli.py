@@ -472,24 +472,33 @@ def cmd_export(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .methods import build_method
-    from .pipeline import check_finetune, controls_of, results_table, run_evaluate
-    from .runs import Run
+    from .demo import default_jobs, run_preset, run_side_by_side
+    from .pipeline import check_finetune
 
     root = args.out or Path("runs") / "demo"
+    if len(set(args.presets)) < len(args.presets):
+        raise CtrlDiffError(f"demo --presets {' '.join(args.presets)}: each preset once (it names its run folder)")
     cfgs = {name: _resolved(C.apply_overrides(C.preset(name), [*args.overrides, *_device_override(args)]))
             for name in args.presets}
-    for cfg in cfgs.values():
-        check_finetune(cfg)
-    tables = []
     for name, cfg in cfgs.items():
-        run = Run(root / name, cfg, args.overwrite, report_to=args.report_to)
-        print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({run.dir}/)")
-        model, backend, terms = _finetune(cfg, run, None, None)
-        ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
-                            model=model.merge_lora())
-        results = run_evaluate(cfg, run, [ctrl], backend, terms=terms)
-        tables.append(f"### {name}: {' x '.join(cfg.rl.controls)}\n\n" + results_table(results, controls_of(cfg)))
+        check_finetune(cfg)
+        folder = root / name
+        if folder.exists() and any(folder.iterdir()) and not args.overwrite:  # before any preset starts
+            raise CtrlDiffError(f"run folder {folder} already exists; pass --overwrite or choose another --out")
+    if args.report_to not in (None, "none"):  # a tracker that is not installed: one line, before any worker
+        from .tracking import trackers_for
+
+        trackers_for(args.report_to)
+    jobs = default_jobs(cfgs) if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise CtrlDiffError(f"demo --jobs {jobs}: at least 1 (1 runs the presets in turn in this process)")
+    if jobs > 1:  # asked for, or more than one preset on a multi-core CPU
+        tables = run_side_by_side(cfgs, root, args.overwrite, args.report_to, min(jobs, len(cfgs)))
+    else:
+        tables = []
+        for name, cfg in cfgs.items():
+            print(f"== {name}: classifier -> CTRL fine-tune -> sample -> evaluate  ({root / name}/)")
+            tables.append(run_preset(name, cfg, root, args.overwrite, args.report_to))
     print("\n" + "\n".join(tables))
 
 
@@ -615,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("demo", help="classifier -> CTRL -> sample -> evaluate for compress4 and the 2x2 task")
-    p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run in turn")
+    p.add_argument("--presets", nargs="+", default=["default", "multi"], help="presets to run (each once)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="presets run side by side, each in its own process with its share of the CPU cores "
+                        "(default: one per preset up to the cores; on a GPU 1); 1 runs them in turn here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override applied to every preset")
     p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo)")
