@@ -63,7 +63,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class RLConfig:
     controls: dict[str, float] = field(default_factory=lambda: {"compress4": 10.0})  # control -> gamma
     steps: int = 400  # optimiser steps; 400 of batch 16 (the samples of 200 of 32) ended 0.15-0.4 nats nearer the
-    batch: int = 16  # target on two seeds, at 1-1.35x the wall-clock (docs/tuning.md, ctrl-tune); (c, y) fresh each
+    batch: int = 16  # target on two seeds, at 1-1.35x the wall-clock (docs/tuning.md, ctrl-tune); 800 of 8 were no
+    # nearer, at 1.8x. (c, y) fresh each step
     lora_rank: int = 16  # 0 = embedding only; 16 costs what 4 does per step and ends ~1.1 nats nearer the target
     # (64: 0.4 nats more at 1.4x the step time; docs/tuning.md, ctrl-floor)
     lr_lora: float = 1e-2  # official SD: 1e-3 (compress4) / 3e-4 (multi); our small UNet tolerates more: 1e-2
