@@ -22,10 +22,10 @@ from ctrldiff.pipeline import (
     fit_reward_terms,
     load_reward_terms,
     method_for,
-    results_table,
     run_evaluate,
     run_finetune,
 )
+from ctrldiff.report import results_table
 from ctrldiff.runs import Run
 
 

@@ -68,6 +68,8 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
     ("rank 16, LoRA lr 1e-2, batch 8, 800 steps, seed 1", "default", ["rl.batch=8", "rl.steps=800", "seed=1"]),
     ("rank 16, LoRA lr 1e-2, batch 16, 400 steps, seed 2", "default", ["seed=2"]),  # the defaults' third seed
     ("rank 16, LoRA lr 1e-2, 400 steps, seed 1", "default", [*B32, "rl.steps=400", "seed=1"]),
+    ("rank 16, LoRA lr 2e-2", "default", ["rl.lr_lora=2e-2"]),  # still learning at the end: a faster rate?
+    ("rank 16, LoRA lr 2e-2, seed 1", "default", ["rl.lr_lora=2e-2", "seed=1"]),
 ]
 
 

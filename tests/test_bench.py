@@ -8,7 +8,7 @@ import torch
 
 from ctrldiff import bench
 from ctrldiff import config as C
-from ctrldiff.bench import GRID, SIZES, TASKS, against_ctrl, best_at, front_table, pareto, stage
+from ctrldiff.bench import GRID, SIZES, TASKS, against_ctrl, best_at, front_table, pareto, stage, stages
 from ctrldiff.cli import main
 from ctrldiff.runs import Run
 
@@ -16,13 +16,13 @@ from ctrldiff.runs import Run
 def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     out, docs = tmp_path / "bench", tmp_path / "docs"
     (docs).mkdir()
-    inits, finetune = {}, bench.run_finetune
+    inits, finetune = {}, stages.run_finetune
 
     def spy(cfg, run, *args, init=None, **kwargs):  # which fine-tunes start from a model
         inits[run.dir.relative_to(out).as_posix()] = init is not None
         return finetune(cfg, run, *args, init=init, **kwargs)
 
-    monkeypatch.setattr(bench, "run_finetune", spy)
+    monkeypatch.setattr(stages, "run_finetune", spy)
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n<!-- section:core -->\nkept\n<!-- /section:core -->\n")
     assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs)]) == 0
     text = (docs / "benchmarks.md").read_text()
@@ -67,7 +67,7 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
         raise AssertionError("a resumed bench redid finished work")
 
     for name in ("fit_reward_terms", "run_finetune", "run_cfg_finetune", "evaluate"):
-        monkeypatch.setattr(bench, name, refuse)
+        monkeypatch.setattr(stages, name, refuse)
     assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume"]) == 0
     again = json.loads((out / "bench.json").read_text())
     for key in ("tasks", "efficiency", "gamma", "fronts", "front_seeds"):

@@ -303,13 +303,15 @@ def test_a_failed_check_leaves_nothing_and_overwrite_replaces(exported, tmp_path
 
 
 def readme_section() -> str:
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    return text.split("## Use the result elsewhere", 1)[1].split("\n## ", 1)[0]
+    """docs/export.md's "Use the result elsewhere" (moved there from the README), up to a next "## "."""
+    text = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
+    return text.split("# Use the result elsewhere", 1)[1].split("\n## ", 1)[0]
 
 
 def test_readme_section_runs_at_tiny_size(tmp_path, monkeypatch):
-    """The `ctrldiff` lines of README's "Use the result elsewhere" (with --preset tiny), then its Python block
-    in a process without ctrldiff, on a tiny UNet2DModel pipeline `my-ddpm` and pairs `my-images`."""
+    """The `ctrldiff` lines of docs/export.md's "Use the result elsewhere" (with --preset tiny), then its
+    Python block in a process without ctrldiff, on a tiny UNet2DModel pipeline `my-ddpm` and pairs
+    `my-images`."""
     section = readme_section()
     commands = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
                 for line in block.splitlines() if line.startswith("ctrldiff ")]

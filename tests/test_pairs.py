@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ctrldiff import definitions as D
 from ctrldiff import pairs as P
 from ctrldiff.cli import main
 from ctrldiff.config import tiny
-from ctrldiff.pairs import DEFINITIONS, define, definition, export_digits, load_definitions, load_pairs
+from ctrldiff.definitions import DEFINITIONS, define, definition, load_definitions
+from ctrldiff.pairs import export_digits, load_pairs
 from ctrldiff.tasks.controls import CONTROLS, get_control
 
 
@@ -73,7 +75,7 @@ def test_split_holds_out_a_share_of_each_class(folder):
 def test_control_survives_the_run_folder_round_trip(folder, tmp_path):
     pairs = load_pairs(folder, (1, 16, 16))
     made = define(definition("stroke", pairs, folder, None))
-    P.save_definitions(tmp_path, ["stroke"])
+    D.save_definitions(tmp_path, ["stroke"])
     del CONTROLS["stroke"]
     defs = load_definitions(tmp_path)
     assert defs["stroke"]["classifiers"] == str(tmp_path.resolve()) and defs["stroke"]["pairs"] == 60
@@ -191,7 +193,7 @@ def test_readme_section_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch
 
 def test_cfg_baseline_refuses_a_control_without_labeller(folder, tmp_path, capsys):
     define(definition("stroke3", load_pairs(folder, (1, 16, 16)), folder, None))
-    P.save_definitions(tmp_path / "clf", ["stroke3"])
+    D.save_definitions(tmp_path / "clf", ["stroke3"])
     out = tmp_path / "run"
     assert main(["finetune", "--method", "cfg", "--classifiers", str(tmp_path / "clf"), "--control", "stroke3",
                  "--preset", "tiny", "--out", str(out)]) == 2

@@ -21,8 +21,6 @@ from ctrldiff.rl import RewardTerm, finetune
 from ctrldiff.sampling import sample
 from ctrldiff.schedule import gaussian_log_prob
 from ctrldiff.target import (
-    PathLogZ,
-    PathStats,
     bank_log_probs,
     bank_log_z,
     build_bank,
@@ -30,11 +28,10 @@ from ctrldiff.target import (
     load_bank,
     meter,
     on_trusted,
-    path_stats,
     target_metrics,
-    yardstick,
 )
 from ctrldiff.tasks.controls import Control
+from ctrldiff.yardstick import PathLogZ, PathStats, path_stats, yardstick
 
 
 def _exact_bank(setup, n, seed=0):

@@ -24,12 +24,12 @@ from .runs import Run, read_records
 
 def run_preset(name: str, cfg: Config, root: Path, overwrite: bool, report_to: str | None) -> str:
     """One preset of the demo in this process; returns its results table (markdown)."""
-    from .cli import _finetune
     from .methods import build_method
-    from .pipeline import controls_of, results_table, run_evaluate
+    from .pipeline import controls_of, finetune_from, run_evaluate
+    from .report import results_table
 
     run = Run(root / name, cfg, overwrite, report_to=report_to)
-    model, backend, terms = _finetune(cfg, run, None, None)
+    model, backend, terms = finetune_from(cfg, run)
     ctrl = build_method("ctrl", backend, {"w": cfg.eval.guidance}, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
                         model=model.merge_lora())
     results = run_evaluate(cfg, run, [ctrl], backend, terms=terms)

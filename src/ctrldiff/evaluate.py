@@ -20,8 +20,8 @@ from .contracts import Cond, Denoiser
 from .methods import Cost, Method
 from .metrics import features, frechet_distance
 from .sampling import reference_means
-from .target import PathStats, path_stats
 from .tasks.controls import Control
+from .yardstick import PathStats, path_stats
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def path_meter(method: Method, backend, terms, cfg: Config, per_request: int, se
                progress: bool = True) -> PathStats | None:
     """The meter's paths: `per_request` rollouts of the method for every request (c, y), each with its objective
     J = reward - path KL and its path weight w = exp(reward) dP_pre/dP_theta (`Trajectory.log_ratio`), summarised
-    per request (`target.path_stats`). None where the path ratio to the base does not exist: a method that is not
+    per request (`yardstick.path_stats`). None where the path ratio to the base does not exist: a method that is not
     one Gaussian chain (SMC, SVDD, best-of-N) or whose last, deterministic step is not the base's (guidance
     applied there; a fine-tune with rl.final_step="model")."""
     ks = {t.control.name: t.control.num_classes for t in terms}

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .backends.mixture import (
-    MIXTURES,
     Grid,
     LogisticNet,
+    Mixture,
     MixtureBackend,
     exact_samples,
     mixture_backend,
@@ -42,17 +42,29 @@ CONTROL = Control("direction3", 3, None)  # y: which of 3 directions x points al
 
 @dataclass
 class Setup:
+    """One 2-D problem: the base (a mixture per c), the control and its p̂(y | x), the grid distances are measured
+    on, and the DDIM steps of every chain."""
+
     backend: MixtureBackend
     classifier: Classifier
     grid: Grid = field(default_factory=Grid)
     steps: int = 100  # DDIM steps (the study: the exact base at 100 steps is at TV 0.035 (eta 0.5) from p_pre)
+    control: Control = field(default_factory=lambda: CONTROL)
+
+    @property
+    def mixtures(self) -> list[Mixture]:
+        return self.backend.net.mixtures
 
     def conditions(self) -> list[tuple[int, int]]:
-        return [(c, y) for c in range(self.backend.num_c) for y in range(CONTROL.num_classes)]
+        return [(c, y) for c in range(self.backend.num_c) for y in range(self.control.num_classes)]
 
 
-def make_setup(exact: bool = True, steps: int = 100, grid: Grid | None = None) -> Setup:
-    return Setup(mixture_backend(exact), Classifier(LogisticNet(CONTROL.num_classes)).eval(), grid or Grid(), steps)
+def make_setup(exact: bool = True, steps: int = 100, grid: Grid | None = None, mixtures: list[Mixture] | None = None,
+               control: Control = CONTROL, classifier: nn.Module | None = None) -> Setup:
+    """The study's problem (`MIXTURES`, `CONTROL`, the analytic logistic p̂ along K directions), or another:
+    p_pre(x | c) = mixtures[c], a control with its p̂(y | x) (default: the analytic one for its K classes)."""
+    net = classifier if classifier is not None else LogisticNet(control.num_classes)
+    return Setup(mixture_backend(exact, mixtures=mixtures), Classifier(net).eval(), grid or Grid(), steps, control)
 
 
 def rl_config(setup: Setup, gamma: float, eta: float, steps: int = 400, batch: int = 256,
@@ -62,7 +74,7 @@ def rl_config(setup: Setup, gamma: float, eta: float, steps: int = 400, batch: i
     rank 32 at 10x diverged, rank 8 at 30x too (docs/exactness.md)."""
     cfg = Config(name="exactness", seed=seed)
     cfg.sampler.steps, cfg.sampler.eta = setup.steps, eta
-    cfg.rl.controls = {CONTROL.name: gamma}
+    cfg.rl.controls = {setup.control.name: gamma}
     cfg.rl.steps, cfg.rl.batch, cfg.rl.kl, cfg.rl.final_step = steps, batch, kl, final_step
     cfg.rl.lora_rank, cfg.rl.lr_lora, cfg.rl.lr_emb, cfg.rl.weight_decay = 32, 1.5e-2, 0.15, 0.0
     cfg.rl.lr_schedule = "cosine"
@@ -73,13 +85,13 @@ def rl_config(setup: Setup, gamma: float, eta: float, steps: int = 400, batch: i
 def train_ctrl(setup: Setup, cfg: Config, start=None, progress: bool = False, init=None):
     """CTRL through the same `rl.finetune` as the images; returns the augmented model and the training log."""
     records: list[dict] = []
-    term = RewardTerm(CONTROL, setup.classifier, cfg.rl.controls[CONTROL.name])
+    term = RewardTerm(setup.control, setup.classifier, cfg.rl.controls[setup.control.name])
     model, _ = finetune(setup.backend, [term], cfg, log=records.append, progress=progress, start=start, init=init)
     return model, records
 
 
-def requests(n: int, c: int, y: int) -> Cond:
-    return Cond(torch.full((n,), c), {CONTROL.name: torch.full((n,), y)})
+def requests(setup: Setup, n: int, c: int, y: int) -> Cond:
+    return Cond(torch.full((n,), c), {setup.control.name: torch.full((n,), y)})
 
 
 @torch.no_grad()
@@ -98,7 +110,7 @@ class TiltedStart:
     grows; no training, no learned value function."""
 
     def __init__(self, setup: Setup, gamma: float, eta: float, pool: int, g: torch.Generator):
-        self.pools = {}
+        self.name, self.pools = setup.control.name, {}
         for c in range(setup.backend.num_c):
             x_T, x0 = base_rollouts(setup, c, pool, eta, g)
             logp = setup.classifier(x0).log_softmax(-1)  # (pool, K)
@@ -106,7 +118,7 @@ class TiltedStart:
 
     def __call__(self, cond: Cond, g: torch.Generator) -> Tensor:
         out = torch.empty((len(cond), 2))
-        y = cond.y[CONTROL.name]
+        y = cond.y[self.name]
         for c, (x_T, w) in self.pools.items():
             for k in range(w.shape[1]):
                 m = (cond.c == c) & (y == k)
@@ -135,7 +147,7 @@ class TargetDenoiser:
         return backend.denoiser
 
     def log_h(self, x_t: Tensor, abar: Tensor, c: int, y: Tensor) -> Tensor:
-        log_w, means, var = MIXTURES[c].posterior(x_t, abar)  # (N, M), (N, M, 2), (N, 1)
+        log_w, means, var = self.setup.mixtures[c].posterior(x_t, abar)  # (N, M), (N, M, 2), (N, 1)
         pts = means[:, :, None, :] + var.sqrt()[:, :, None, None] * self.z  # (N, M, P, 2)
         log_p = self.setup.classifier(pts).log_softmax(-1)  # (N, M, P, K)
         log_p = log_p.gather(-1, y[:, None, None, None].expand(*log_p.shape[:3], 1)).squeeze(-1)
@@ -143,7 +155,7 @@ class TargetDenoiser:
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         abar = self.setup.backend.net.abar[t][:, None]
-        y, grad = cond.y[CONTROL.name], torch.zeros_like(x_t)
+        y, grad = cond.y[self.setup.control.name], torch.zeros_like(x_t)
         with torch.enable_grad():
             for c in range(self.setup.backend.num_c):
                 m = cond.c == c
@@ -160,9 +172,9 @@ def fit_adapter(setup: Setup, teacher: TargetDenoiser, cfg: Config, steps: int =
     adapter can represent the optimum and what CTRL misses is its optimisation's."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    pools = torch.stack([exact_samples(MIXTURES[c], setup.classifier, y, teacher.gamma, pool, g)
+    pools = torch.stack([exact_samples(setup.mixtures[c], setup.classifier, y, teacher.gamma, pool, g)
                          for c, y in setup.conditions()])  # (pairs, pool, 2)
-    model = ControlledDenoiser(setup.backend, {CONTROL.name: CONTROL.num_classes}, cfg.rl.lora_rank,
+    model = ControlledDenoiser(setup.backend, {setup.control.name: setup.control.num_classes}, cfg.rl.lora_rank,
                                final_step=cfg.rl.final_step)
     opt = torch.optim.AdamW([{"params": model.embedding_parameters(), "lr": cfg.rl.lr_emb},
                              {"params": model.lora_parameters(), "lr": cfg.rl.lr_lora}], weight_decay=0.0)
@@ -172,7 +184,7 @@ def fit_adapter(setup: Setup, teacher: TargetDenoiser, cfg: Config, steps: int =
         x0 = pools[k, torch.randint(0, pool, (batch,), generator=g)]
         t = torch.randint(0, setup.backend.schedule.num_train_timesteps, (batch,), generator=g)
         x_t = add_noise(setup.backend.schedule, x0, torch.randn(x0.shape, generator=g), t)
-        cond = Cond(pairs[k, 0], {CONTROL.name: pairs[k, 1]})
+        cond = Cond(pairs[k, 0], {setup.control.name: pairs[k, 1]})
         loss = ((model(x_t, t, cond) - teacher(x_t, t, cond).detach()) ** 2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +199,7 @@ def ctrl_samples(setup: Setup, model, c: int, y: int, n: int, eta: float, g: tor
     out = []
     for i in range(0, n, batch):
         m = min(batch, n - i)
-        cond = requests(m, c, y)
+        cond = requests(setup, m, c, y)
         x_T = torch.randn((m, 2), generator=g) if start is None else start(cond, g)
         out.append(sample(model, setup.backend.schedule, x_T, cond, steps=setup.steps, eta=eta, generator=g,
                           final=model.final(setup.backend)).x0)
@@ -197,11 +209,11 @@ def ctrl_samples(setup: Setup, model, c: int, y: int, n: int, eta: float, g: tor
 def smc_samples(setup: Setup, c: int, y: int, n: int, eta: float, gamma: float, particles: int,
                 g: torch.Generator, batch: int = 20_000) -> Tensor:
     """TDS on the exact base (twist p̂(y|x0_hat)^gamma, proposal scale w = gamma): exact as K grows."""
-    lik = Likelihood(setup.backend, {CONTROL.name: setup.classifier})
+    lik = Likelihood(setup.backend, {setup.control.name: setup.classifier})
     out, per = [], max(1, batch // particles)
     for i in range(0, n, per):
         m = min(per, n - i)
-        cond = requests(m, c, y)
+        cond = requests(setup, m, c, y)
         out.append(smc(setup.backend.denoiser, setup.backend.schedule, lik, cond, (2,), g, steps=setup.steps,
                        eta=eta, particles=particles, gamma=gamma, w=gamma, ess=0.5).detach())
     return torch.cat(out)
@@ -212,7 +224,7 @@ def on_grid(setup: Setup, c: int, y: int, gamma: float) -> tuple[Tensor, Tensor]
     """log p̂(y|x) and the unnormalised log p_gamma(x | c, y) at the grid's evaluation points."""
     pts = setup.grid.points()
     log_p = setup.classifier(pts).log_softmax(-1)[:, y]
-    return log_p, target_log_density(MIXTURES[c], log_p, gamma, pts)
+    return log_p, target_log_density(setup.mixtures[c], log_p, gamma, pts)
 
 
 def optimum(setup: Setup, gamma: float) -> dict:
@@ -244,7 +256,7 @@ def start_bias(setup: Setup, c: int, eta: float, gammas: list[float], g: torch.G
     log_p = setup.classifier(x0).log_softmax(-1)
     out = {}
     for gamma in gammas:
-        for y in range(CONTROL.num_classes):
+        for y in range(setup.control.num_classes):
             p = (gamma * log_p[:, y]).exp().reshape(starts, rollouts)
             h, mean = p.mean(1), p.mean()
             out[(gamma, y)] = {"tv": float(0.5 * (h / mean - 1).abs().mean()),
@@ -261,7 +273,7 @@ def distances(setup: Setup, x: Tensor, c: int, y: int, gamma: float, g: torch.Ge
     """TV to the exact p_gamma on the grid's histogram and the per-mode mass error (max over modes, absolute,
     against `reference` exact draws), each beside the same number for as many exact draws as `x` has (the
     sampling-noise floor)."""
-    mix, target = MIXTURES[c], target_masses(setup, c, y, gamma)
+    mix, target = setup.mixtures[c], target_masses(setup, c, y, gamma)
     modes = mode_masses(mix, exact_samples(mix, setup.classifier, y, gamma, reference, g))
     exact = exact_samples(mix, setup.classifier, y, gamma, len(x), g)
     return {"tv": total_variation(setup.grid.histogram(x), target),

@@ -74,6 +74,12 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def refuse_existing(folder: Path, what: str = "run folder", options: str = "--overwrite") -> None:
+    """A folder that holds anything is replaced only when told (`options`): one line before any work."""
+    if folder.exists() and any(folder.iterdir()):
+        raise CtrlDiffError(f"{what + ' ' if what else ''}{folder} already exists; pass {options} or choose another --out")
+
+
 def write_section(path: str | Path, key: str, text: str) -> None:
     """Replace (or append) the section `key` of a markdown file, written by several producers, each owning
     the text between its `<!-- section:key -->` markers."""

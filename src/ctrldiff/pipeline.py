@@ -19,13 +19,14 @@ from .classifier import (
 )
 from .config import Config
 from .control import ControlledDenoiser
+from .definitions import defined, save_definitions
 from .evaluate import evaluate, path_meter
 from .io import CtrlDiffError, read_meta, write_json, write_text
 from .methods import Method, build_method
 from .methods.triplets import fit_cfg
 from .metrics import features
-from .pairs import defined
-from .plots import grid_image, plot_cells, plot_curves, save_grid
+from .plots import grid_image, grid_of, plot_cells, plot_curves, save_grid
+from .report import results_table
 from .rl import RewardTerm, finetune
 from .runs import Run
 from .schedule import add_noise
@@ -38,10 +39,10 @@ from .target import (
     load_bank,
     on_trusted,
     target_metrics,
-    yardstick,
 )
 from .tasks.controls import Control, controls_of
 from .tasks.mnist import NUM_DIGITS, load_digits, to_unit
+from .yardstick import yardstick
 
 
 def check_finetune(cfg: Config) -> None:
@@ -209,6 +210,16 @@ def run_finetune(cfg: Config, run: Run, terms: list[RewardTerm], backend, progre
     return model, summary
 
 
+def finetune_from(cfg: Config, run: Run, classifiers: Path | None = None, base: Path | None = None, backend=None,
+                  pairs: dict | None = None):
+    """Steps 1-3 for the CLI and the demo: the reward classifiers (fitted here, or those of a `classifiers` run),
+    then CTRL. Returns (model, backend, terms)."""
+    backend = backend or backend_for(cfg, base)
+    save_definitions(run.dir, pairs or {})  # before any work: a resume checks its pairs against it
+    terms = load_reward_terms(cfg, classifiers) if classifiers else fit_reward_terms(cfg, run, pairs=pairs)[0]
+    return run_finetune(cfg, run, terms, backend)[0], backend, terms
+
+
 def monitor_grid(run: Run | None, cell: int = 48):
     """The fine-tune's `log_images`: the monitoring batch as a grid (rows = y, columns = c) to the run's
     experiment trackers (None without one); each cell about `cell` pixels (digits enlarged, SD's shrunk)."""
@@ -317,100 +328,3 @@ def run_evaluate(cfg: Config, run: Run, methods: list[Method], backend, progress
     write_json(run.path("metrics.json"), results)
     write_text(run.path("metrics.md"), results_table(results, controls))
     return results
-
-
-def grid_of(images: torch.Tensor, cond, controls: list[Control], num_c: int = NUM_DIGITS):
-    """Pick one image per (joint y, c): rows = joint class of y, columns = c (the first ten values at most)."""
-    cols = min(num_c, NUM_DIGITS)
-    row, rows = torch.zeros(len(images), dtype=torch.long), 1
-    for ctl in controls:  # mixed radix, first control fastest (the order of balanced_conditions)
-        row += cond.y[ctl.name] * rows
-        rows *= ctl.num_classes
-    picks = []
-    for r in range(rows):
-        for c in range(cols):
-            idx = torch.nonzero((row == r) & (cond.c == c))
-            picks.append(images[idx[0, 0]] if len(idx) else torch.ones_like(images[0]))
-    return torch.stack(picks), rows, cols
-
-
-def _num(v: float | None) -> str:
-    return "—" if v is None or math.isnan(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
-
-
-def _row(method: str, vals: list) -> str:
-    return f"| {method} | " + " | ".join(v if isinstance(v, str) else _num(v) for v in vals) + " |"
-
-
-def results_table(results: dict, controls: list[Control]) -> str:
-    """Markdown tables, one row per method: quality and cost; with the target, the yardstick (J, log Z, KL and
-    log Z - J over the same requests) and the like-for-like columns on the requests the target is trusted on."""
-    nan = float("nan")
-    judged = [k for k in ("monitor_accuracy", "classifier_accuracy") if any(k in m for m in results.values())]
-    cols = [f"{c.name} acc" for c in controls] + [f"{c.name} F1" for c in controls]
-    cols += (["joint acc"] if len(controls) > 1 else []) + [JUDGES[k] for k in judged]
-    cols += ["digit fidelity", "feature-FID", "net fwd/sample", "net bwd/sample", "s/sample"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, m in results.items():
-        cost = m["cost_per_sample"]
-        vals = [m[c.name]["accuracy"] for c in controls] + [m[c.name]["macro_f1"] for c in controls]
-        vals += ([m["joint_accuracy"]] if len(controls) > 1 else []) + [m.get(k, nan) for k in judged]
-        vals += [m["digit_fidelity"], m["feature_fid"], cost.get("forward_denoiser", nan),
-                 cost.get("backward_denoiser", nan), m["seconds_per_sample"]]
-        lines.append(_row(method, vals))
-    if "target" not in results:
-        return "\n".join(lines) + "\n"
-    t = results["target"]
-    lines += ["", (f"target: p_gamma by importance sampling over {t['samples']} base samples (feature-FID from their "
-                   "weighted moments); monitor acc: the independent monitor classifiers' verdict, never optimised "
-                   "against; reward-classifier acc: the reward classifiers' own. A method whose reward-classifier "
-                   "acc exceeds its monitor acc by more than the target's margin has found where the reward "
-                   "classifier is wrong (reward hacking)."), ""]
-    lines += yardstick_table(results)
-    lines += ["", ("| method | acc, trusted cells | monitor acc, trusted cells | reward-classifier acc, trusted cells | "
-              "fidelity, trusted cells |"), "|---" * 5 + "|"]
-    for method, m in results.items():
-        tr = m["trusted"]
-        lines.append(_row(method, [tr[k] for k in ("accuracy", "monitor_accuracy", "classifier_accuracy",
-                                                   "digit_fidelity")]))
-    if len(controls) > 1:
-        lines += ["", "Per-corner joint accuracy:", "", "| method | " + " | ".join(results["base"]["per_corner"]) + " |",
-                  "|---" * (len(results["base"]["per_corner"]) + 1) + "|"]
-        for method, m in results.items():
-            lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in m["per_corner"].values()) + " |")
-    return "\n".join(lines) + "\n"
-
-
-JUDGES = {"monitor_accuracy": "monitor acc", "classifier_accuracy": "reward-classifier acc"}
-
-
-def yardstick_table(results: dict) -> list[str]:
-    """J, log Z, KL and log Z - J (± Monte-Carlo error) of every method over the same requests: those the bank
-    trusts, and all of them (log Z the larger of the bank's and the path weights' estimate); "—" where undefined."""
-    t = results["target"]
-    head = ["trusted: requests", "J", "log Z", "KL", "log Z − J", "log Z − J (path weights)",
-            "all: requests (flagged)", "J", "log Z", "KL", "log Z − J"]
-    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for method, m in results.items():
-        y = m.get("yardstick")
-        if y is None:
-            lines.append(_row(method, ["—"] * len(head)))
-            continue
-        tr, al = y["trusted"], y["all"]
-        gap = (lambda v, se: "—" if math.isnan(v) else f"{v:.2f} ± {se:.2f}")
-        lines.append(_row(method, [
-            str(tr["requests"]), tr["J"], tr["log_z"], tr["kl"], gap(tr["gap"], tr["gap_se"]),
-            gap(tr.get("gap_paths", math.nan), tr.get("gap_paths_se", math.nan)), f"{al['requests']} ({al['flagged']})",
-            al["J"], al["log_z"], al["kl"], gap(al["gap"], al["gap_se"])]))
-    src = ", ".join(f"{k} {v}" for k, v in t["log_z_source"].items())
-    lines += ["", ("The yardstick: J = E[reward - path KL] of each method's meter paths (the same paths give the "
-                   "path weights), log Z per request, "
-                   "log Z − J = KL(P_θ ‖ P*) ≥ 0 in nats (± Monte-Carlo error). Trusted: the requests whose bank "
-                   f"ESS ≥ the minimum (the target's {t['untrusted_cells']} others rest on a handful of base samples); "
-                   "log Z from the bank, and beside it from the method's own path weights (they agree where the paths' "
-                   "ESS is high; a small one biases the paths' estimate low). All: log Z per request the larger of the bank's and every method's path-weight "
-                   f"estimate (both are low in expectation; taken from: {src}); flagged: requests where every "
-                   "estimate's ESS is small, so there the gap is a lower bound. The target's J is log Z itself (its "
-                   "gap is 0 by definition) and its KL is E_p*[reward] − log Z. \"—\": undefined (no path ratio "
-                   "to the base: not one Gaussian chain, or a last step that is not the base's).")]
-    return lines

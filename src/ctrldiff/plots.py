@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from .io import atomic_path
+from .tasks.controls import Control
+from .tasks.mnist import NUM_DIGITS
 
 
 def grid_image(images: torch.Tensor, rows: int, cols: int, scale: int = 3, pad: int = 1) -> np.ndarray:
@@ -61,7 +63,7 @@ def plot_cells(target: list[dict], method: list[dict], name: str, path: str | Pa
                meter: list[dict] | None = None) -> None:
     """Accuracy per request (rows = joint y, columns = c): the target p_gamma, the method, and their difference;
     target cells whose effective sample size is below `min_ess` are marked x (not trustworthy). meter: the
-    method's per-request yardstick (`target.yardstick`), a fourth panel of log Z - J in nats (flagged requests,
+    method's per-request yardstick (`yardstick.yardstick`), a fourth panel of log Z - J in nats (flagged requests,
     whose gap is a lower bound, marked >)."""
     import matplotlib
 
@@ -133,3 +135,18 @@ def plot_reliability(curves: dict, path: str | Path, title: str, bins: int = 10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def grid_of(images: torch.Tensor, cond, controls: list[Control], num_c: int = NUM_DIGITS):
+    """Pick one image per (joint y, c): rows = joint class of y, columns = c (the first ten values at most)."""
+    cols = min(num_c, NUM_DIGITS)
+    row, rows = torch.zeros(len(images), dtype=torch.long), 1
+    for ctl in controls:  # mixed radix, first control fastest (the order of balanced_conditions)
+        row += cond.y[ctl.name] * rows
+        rows *= ctl.num_classes
+    picks = []
+    for r in range(rows):
+        for c in range(cols):
+            idx = torch.nonzero((row == r) & (cond.c == c))
+            picks.append(images[idx[0, 0]] if len(idx) else torch.ones_like(images[0]))
+    return torch.stack(picks), rows, cols

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpointer
 from .config import Config, config_diff, from_dict
-from .io import CtrlDiffError, read_json, write_json
+from .io import CtrlDiffError, read_json, refuse_existing, write_json
 
 
 class Run:
@@ -26,8 +26,8 @@ class Run:
                 self.tracker.start()
             return
         self._track(report_to, resume=False)  # a tracker that is not installed fails before the folder is touched
-        if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
-            raise CtrlDiffError(f"run folder {self.dir} already exists; pass --overwrite or choose another --out")
+        if not overwrite:
+            refuse_existing(self.dir)
         self._create()
 
     def _create(self) -> None:

@@ -7,25 +7,16 @@ from pathlib import Path
 
 import torch
 
+from .backends import sd_backend
 from .classifier import fit_classifier
 from .conditions import balanced_conditions
 from .config import Config
 from .contracts import Cond
+from .definitions import defined
 from .io import CtrlDiffError, load_weights, read_meta, save_weights, write_json
-from .pairs import defined
 from .rl import RewardTerm, finetune
 from .rl.scale import make_accelerator
 from .target import base_hash
-
-
-def sd_backend(cfg: Config, device=None):
-    """The SD backend of `cfg.sd` on `device` (default: this process's accelerator device, else the CPU)."""
-    from .backends import default_device
-    from .backends.sd import load_sd, read_prompts
-
-    device = default_device() if device is None else device
-    return load_sd(cfg.sd.model, read_prompts(cfg.sd.prompts), cfg.sd.guidance, cfg.sd.resolution, device,
-                   cfg.sd.dtype)
 
 
 @torch.no_grad()

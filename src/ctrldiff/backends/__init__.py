@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .pixels import PixelBackend, load_base
 
-__all__ = ["PixelBackend", "backend_for", "default_device", "load_base", "resolve_device"]
+__all__ = ["PixelBackend", "backend_for", "default_device", "load_base", "resolve_device", "sd_backend"]
 
 
 def default_device():
@@ -31,12 +31,19 @@ def resolve_device(device: str) -> str:
     return ("cuda" if cuda else "cpu") if device == "auto" else device
 
 
+def sd_backend(cfg, device=None):
+    """The SD backend of `cfg.sd` on `device` (default: this process's accelerator device, else the CPU)."""
+    from .sd import load_sd, read_prompts
+
+    device = default_device() if device is None else device
+    return load_sd(cfg.sd.model, read_prompts(cfg.sd.prompts), cfg.sd.guidance, cfg.sd.resolution, device,
+                   cfg.sd.dtype)
+
+
 def backend_for(cfg, base: Path | None = None):
     """The base a config names: Stable Diffusion (`sd.model`, docs/sd.md), a UNet2DModel pipeline (`model`), or
     the embedded digit model (`base`: another checkpoint of it)."""
     if cfg.sd.model is not None:
-        from ..sd_pipeline import sd_backend
-
         return sd_backend(cfg)
     if cfg.model is not None:
         from .unet2d import load_unet2d

@@ -74,10 +74,10 @@ def grid(side: int = 3, spacing: float = 1.5, std: float = 0.25) -> Mixture:
 MIXTURES = [ring(), grid()]  # c = 0: a ring of 8 modes; c = 1: a 3x3 grid
 
 
-def sample_data(c: Tensor, g: torch.Generator) -> Tensor:
-    """x_0 ~ p_pre(x | c) for each entry of c: the training data of a learned denoiser."""
+def sample_data(c: Tensor, g: torch.Generator, mixtures: list[Mixture] | None = None) -> Tensor:
+    """x_0 ~ p_pre(x | c) = mixtures[c] (default `MIXTURES`) for each entry of c: a learned denoiser's data."""
     out = torch.empty((len(c), 2))
-    for k, mix in enumerate(MIXTURES):
+    for k, mix in enumerate(mixtures or MIXTURES):
         m = c == k
         out[m] = mix.sample(int(m.sum()), g)
     return out
@@ -184,10 +184,11 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, steps: int = 200) -> Lo
     return net.requires_grad_(False)
 
 
-def mixture_backend(exact: bool = True, seed: int = 0) -> MixtureBackend:
+def mixture_backend(exact: bool = True, seed: int = 0, mixtures: list[Mixture] | None = None) -> MixtureBackend:
+    """p_pre(x | c) = mixtures[c] (default `MIXTURES`): exact, or the residual MLP to learn it (`exact=False`)."""
     torch.manual_seed(seed)
     schedule = Schedule.linear()
-    return MixtureBackend(MixtureNet(schedule, exact=exact), schedule)
+    return MixtureBackend(MixtureNet(schedule, mixtures, exact=exact), schedule)
 
 
 # --- the exact target and distances --------------------------------------------------------------------------

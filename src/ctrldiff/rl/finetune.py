@@ -19,8 +19,9 @@ from ..config import LR_SCHEDULES, Config
 from ..control import ControlledDenoiser
 from ..io import CtrlDiffError
 from ..sampling import sample
-from ..target import LogZ, PathLogZ, all_request_meter, meter
+from ..target import LogZ, meter
 from ..tasks.controls import Control
+from ..yardstick import PathLogZ, all_request_meter
 from . import adjoint, scale
 from .objective import ctrl_objective
 
@@ -100,7 +101,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
     log_z: log Z(c, y) per request from the bank (`target.bank_log_z`): each step then logs `gap` = log Z - J over
     its rows whose request the bank trusts, J = sum_k gamma_k log p̂_k - path KL: KL(P_theta || P*) >= 0 in nats,
     how far the fine-tune is from the objective's optimum; and `gap_all` over every row, log Z per request the
-    larger of the bank's and the running path weights' (`target.PathLogZ`). Needs the base to take the last step
+    larger of the bank's and the running path weights' (`yardstick.PathLogZ`). Needs the base to take the last step
     (with "model" the path ratio is undefined) and the plain start (a tilted one would add KL(start || N(0, I))).
 
     log_images(step, images, cond): the monitoring batch's decoded samples at each monitoring step."""
