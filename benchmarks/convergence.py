@@ -70,6 +70,9 @@ TUNE = [  # around the new default (rank 16, the floor table's best at the old s
     ("rank 16, LoRA lr 1e-2, 400 steps, seed 1", "default", [*B32, "rl.steps=400", "seed=1"]),
     ("rank 16, LoRA lr 2e-2", "default", ["rl.lr_lora=2e-2"]),  # still learning at the end: a faster rate?
     ("rank 16, LoRA lr 2e-2, seed 1", "default", ["rl.lr_lora=2e-2", "seed=1"]),
+    # rank and rate are one knob (rank 64 at 1e-2 overshoots): rank 64's capacity at rank 16 x 1e-2's step size
+    ("rank 64, LoRA lr 3e-3, batch 16, 400 steps", "default", ["rl.lora_rank=64", "rl.lr_lora=3e-3"]),
+    ("rank 64, LoRA lr 3e-3, batch 16, 400 steps, seed 1", "default", ["rl.lora_rank=64", "rl.lr_lora=3e-3", "seed=1"]),
 ]
 
 
