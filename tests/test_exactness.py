@@ -159,8 +159,9 @@ def test_target_denoiser_is_the_base_at_gamma_0_and_samples_p_gamma():
 
 def test_an_unseen_problem_is_data_passed_in():
     """Another base (a 5-mode ring, a 2x2 grid) and another control (4 directions) are arguments, not module
-    globals: the base draws the 5-mode ring (TV 0.105 to it; measured 0.78 when the mixtures were ignored), the exact target's chain samples that problem's p_gamma (TV measured
-    0.106 against the base's 0.756; the sampling floor 0.03) and the grid's optimum covers its 2 x 4 requests."""
+    globals: the base draws the 5-mode ring (TV 0.105 to it; 0.78 when the mixtures were ignored), the exact
+    target's chain samples that problem's p_gamma (TV 0.106 against the base's 0.756; the sampling floor 0.03)
+    and the grid's optimum covers its 2 x 4 requests."""
     five = ring(modes=5, radius=1.5)
     setup = make_setup(steps=50, grid=GRID, mixtures=[five, grid(side=2, spacing=2.0)],
                        control=Control("direction4", 4, None))
