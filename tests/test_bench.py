@@ -24,7 +24,7 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "run_finetune", spy)
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n<!-- section:core -->\nkept\n<!-- /section:core -->\n")
-    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--jobs", "1"]) == 0
     text = (docs / "benchmarks.md").read_text()
     assert "kept" in text  # another producer's section survives
     for heading in ["## Single control: compress4", "## Multi-task 2×2", "## Accuracy against quality",
@@ -68,7 +68,13 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
 
     for name in ("fit_reward_terms", "run_finetune", "run_cfg_finetune", "evaluate"):
         monkeypatch.setattr(stages, name, refuse)
-    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume"]) == 0
+    # --jobs 2 trains every model first in two worker processes (out of reach of the monkeypatches): they must find
+    # each finished under the very config this process measures it with, and cover every model the bench trains
+    waves = [len(wave) for wave in stages.training_waves(size, out)]
+    assert waves == [results["training"]["cfg"][0], results["training"]["ctrl"][0] - results["training"]["cfg"][0]]
+    models = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume", "--jobs", "2"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == models
     again = json.loads((out / "bench.json").read_text())
     for key in ("tasks", "efficiency", "gamma", "fronts", "front_seeds"):
         assert again[key] == results[key], key

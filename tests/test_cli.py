@@ -88,6 +88,7 @@ def _cli(*args, cwd=None):
     (["finetune", "--set", "target.per_c=0"], "target.per_c='0': choose a value in 1..inf"),
     (["demo", "--presets", "tiny", "tiny"], "demo --presets tiny tiny: each preset once"),
     (["demo", "--presets", "tiny", "--jobs", "0"], "demo --jobs 0: at least 1"),
+    (["bench", "--quick", "--jobs", "0"], "bench --jobs 0: at least 1"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from contextlib import contextmanager
-from multiprocessing import get_context
+from concurrent.futures import FIRST_EXCEPTION, wait
 from pathlib import Path
 
 from .config import Config
-from .io import CtrlDiffError
+from .io import CtrlDiffError, worker_pool, worker_threads
 from .runs import Run, read_records
 
 
@@ -49,28 +47,6 @@ def _worker(name: str, cfg: Config, root: Path, overwrite: bool, report_to: str 
     return run_preset(name, cfg, root, overwrite, report_to)
 
 
-@contextmanager
-def _thread_env(threads: int):
-    """OMP_NUM_THREADS for the workers this process spawns meanwhile: set before their OpenMP starts, a worker's
-    step was 7-9% faster than with torch.set_num_threads alone (two workers side by side, two repeats)."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-
-
-def default_jobs(cfgs: dict[str, Config]) -> int:
-    """One process per preset while each gets a core of its own; on a GPU, or on one core, in turn."""
-    if any(cfg.device != "cpu" for cfg in cfgs.values()):
-        return 1
-    return max(1, min(len(cfgs), os.cpu_count() or 1))
-
-
 def _stage(records: list[dict], steps: int) -> tuple[int, str]:
     """(fine-tune steps done, what the run is doing) from its metrics.jsonl."""
     done = [r["step"] + 1 for r in records if "kl" in r and "step" in r]
@@ -86,15 +62,14 @@ def run_side_by_side(cfgs: dict[str, Config], root: Path, overwrite: bool, repor
     preset that fails leaves the others running; the error names it and its log."""
     from tqdm import tqdm
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     root.mkdir(parents=True, exist_ok=True)
-    print(f"{len(cfgs)} preset(s), {jobs} at a time in worker processes of {threads} thread(s); their output in "
-          f"{', '.join(str(root / f'{n}.log') for n in cfgs)}")
+    print(f"{len(cfgs)} preset(s), {jobs} at a time in worker processes of {worker_threads(jobs)} "
+          f"thread(s); their output in {', '.join(str(root / f'{n}.log') for n in cfgs)}")
     t0 = time.time()
     form = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} fine-tune steps [{elapsed}{postfix}]"
     bars = {n: tqdm(total=cfg.rl.steps, desc=n, position=i, dynamic_ncols=True, bar_format=form)
             for i, (n, cfg) in enumerate(cfgs.items())}
-    with _thread_env(threads), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+    with worker_pool(jobs) as (pool, threads):
         futures = {n: pool.submit(_worker, n, cfg, root, overwrite, report_to, threads) for n, cfg in cfgs.items()}
         pending = set(futures.values())
         while pending:

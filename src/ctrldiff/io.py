@@ -80,6 +80,38 @@ def refuse_existing(folder: Path, what: str = "run folder", options: str = "--ov
         raise CtrlDiffError(f"{what + ' ' if what else ''}{folder} already exists; pass {options} or choose another --out")
 
 
+def worker_threads(jobs: int) -> int:
+    """CPU threads of each of `jobs` workers side by side: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+@contextmanager
+def worker_pool(jobs: int):
+    """`jobs` spawned worker processes sharing this machine's cores; yields (pool, threads per worker). The
+    workers start with OMP_NUM_THREADS at their share: set before their OpenMP starts, a worker's step was 7-9%
+    faster than with torch.set_num_threads alone (two demo workers side by side, two repeats)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    threads = worker_threads(jobs)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            yield pool, threads
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
+def default_jobs(tasks: int, cpu: bool) -> int:
+    """Worker processes for `tasks` independent jobs: one per core while each gets a core of its own; off the CPU
+    (a GPU), or on one core, 1 (in turn, in this process)."""
+    return max(1, min(tasks, os.cpu_count() or 1)) if cpu else 1
+
+
 def write_section(path: str | Path, key: str, text: str) -> None:
     """Replace (or append) the section `key` of a markdown file, written by several producers, each owning
     the text between its `<!-- section:key -->` markers."""

@@ -71,3 +71,18 @@ def task_config(size: BenchSize, controls: dict, seed: int, **overrides) -> C.Co
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def task_seeds(size: BenchSize, task: str) -> list[int]:
+    return size.seeds if task == "compress4" else size.multi_seeds
+
+
+def efficiency_config(size: BenchSize, n: int, seed: int) -> C.Config:
+    """The sample-efficiency study's pipeline: CTRL from n pairs (x, y), CFG from n triplets (x, c, y); the reward
+    classifier sees the n pairs alone (no base samples)."""
+    return task_config(size, TASKS["compress4"], seed, data__pairs=n, triplets__n=n, classifier__base_pairs=0)
+
+
+def swept(size: BenchSize, task: str) -> list[float]:
+    """The gammas of the sweep that need a fine-tune of their own (every gamma but the task's)."""
+    return [g for g in size.gammas if dict.fromkeys(TASKS[task], g) != TASKS[task]]

@@ -16,8 +16,18 @@ from ..plots import grid_of
 from ..tracking import trackers_for
 from .figures import write_figures
 from .fronts import accuracy, fronts, point
-from .grid import SIZES, TASKS, TUNE_SEED, BenchSize, machine, settings, task_config
-from .stages import environment, gamma_sweep, measure, prepare, real_floor, training_time
+from .grid import (
+    SIZES,
+    TASKS,
+    TUNE_SEED,
+    BenchSize,
+    efficiency_config,
+    machine,
+    settings,
+    task_config,
+    task_seeds,
+)
+from .stages import environment, gamma_sweep, measure, prepare, real_floor, train_all, training_time
 from .tables import report
 
 
@@ -27,7 +37,7 @@ def run_task(size: BenchSize, task: str, out: Path, env: dict, bar) -> dict:
     gamma on each seed (`gamma_sweep`)."""
     controls = list(TASKS[task])
     runs, best, tuning, gammas, images = {}, {}, {}, {}, {}
-    for seed in size.seeds if task == "compress4" else size.multi_seeds:
+    for seed in task_seeds(size, task):
         cfg = task_config(size, TASKS[task], seed)
         bar.set_postfix_str(f"{task} seed {seed}: classifiers, CTRL, CFG")
         paths = prepare(cfg, out / task / f"seed{seed}", report_to=env["report_to"], resume=env["resume"])
@@ -61,7 +71,7 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
     for n in size.pairs:
         for seed in size.efficiency_seeds:
             bar.set_postfix_str(f"sample efficiency N={n} seed {seed}")
-            cfg = task_config(size, TASKS["compress4"], seed, data__pairs=n, triplets__n=n, classifier__base_pairs=0)
+            cfg = efficiency_config(size, n, seed)
             paths = prepare(cfg, out / "efficiency" / f"n{n}-seed{seed}", report_to=env["report_to"],
                             resume=env["resume"], noisy=False)  # only CTRL and CFG are measured here
             if n not in result["cfg_w"]:
@@ -95,17 +105,22 @@ def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]
     return rows
 
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
-              progress: bool = True, report_to: str = "none", resume: bool = False) -> dict:
+              progress: bool = True, report_to: str = "none", resume: bool = False, jobs: int = 1) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
     report_to: every training run (classifiers, CTRL, CFG, the gamma sweep) also logs to these trackers.
-    resume: reuse what an interrupted bench in `out` finished under the same configs (models, measurements)."""
+    resume: reuse what an interrupted bench in `out` finished under the same configs (models, measurements).
+    jobs: with more than 1, every model is trained first, that many at a time in worker processes
+    (`train_all`); the measurements follow in this process, alone on the machine (their seconds per sample are
+    a column)."""
     if report_to != "none":
         trackers_for(report_to)  # fail before any work
     size = SIZES[size_name]
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
     t0 = time.time()
-    env = environment(size.preset, report_to, resume)
+    if jobs > 1:
+        train_all(size, out, resume, report_to, jobs, progress)
+    env = environment(size.preset, report_to, resume=resume or jobs > 1)  # jobs > 1: the models just trained
     total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds)
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
         tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}
@@ -120,7 +135,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
                "fronts": {task: fronts(tasks[task], first[task], targets[task]) for task in TASKS},
                "front_seeds": {task: [fronts(tasks[task], s) for s in tasks[task]["runs"]] for task in TASKS},
                "seconds": time.time() - t0, "real": real_floor(env, size.preset),
-               "resumed": resume, "training": training_time(out),
+               "resumed": resume, "jobs": jobs, "training": training_time(out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / "bench.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
     figures = write_figures(docs / "figures", tasks, efficiency, results["gamma"], results["fronts"])

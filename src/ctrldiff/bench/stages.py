@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from .. import config as C
 from ..control import ControlledDenoiser
 from ..evaluate import evaluate, path_meter
-from ..io import atomic_path, read_json, read_meta
+from ..io import atomic_path, read_json, read_meta, worker_pool
 from ..metrics import features, frechet_distance
 from ..pipeline import (
     backend_for,
@@ -31,7 +32,7 @@ from ..pipeline import (
 from ..runs import Run, read_records
 from ..tasks.mnist import load_digits, to_unit
 from .fronts import common_meter, point
-from .grid import TASKS, TUNE_SEED, BenchSize, task_config
+from .grid import TASKS, TUNE_SEED, BenchSize, efficiency_config, swept, task_config, task_seeds
 
 
 def stage(root: Path, cfg: C.Config, done: str, resume: bool, report_to: str) -> Run | None:
@@ -112,12 +113,28 @@ def final_gap(run_dir: Path) -> float:
     gaps = [r["gap"] for r in read_records(run_dir) if "gap" in r]
     return float(np.mean(gaps[-max(1, len(gaps) // 10):])) if gaps else float("nan")
 
+def gamma_model(size: BenchSize, task: str, seed: int, gamma: float, out: Path, backend, resume: bool,
+                report_to: str) -> tuple[C.Config, Path]:
+    """CTRL of one task and seed at `gamma` (every control at it): its config and run folder. The task's own gamma
+    is the seed's CTRL model; any other is a fine-tune that starts from it (its new parameters) and runs
+    `size.gamma_steps` steps (None: from scratch, `rl.steps`), trained here unless `resume` finds it finished."""
+    cfg, seed_dir = task_config(size, dict.fromkeys(TASKS[task], gamma), seed), out / task / f"seed{seed}"
+    if gamma not in swept(size, task):
+        return cfg, seed_dir / "ctrl"
+    warm, root = size.gamma_steps is not None, gamma_dir(out, task, seed, gamma)
+    if warm:
+        cfg.rl.steps = size.gamma_steps
+    if run := stage(root, cfg, "ctrl.safetensors", resume, report_to):
+        init = ControlledDenoiser.load(seed_dir / "ctrl" / "ctrl.safetensors", backend) if warm else None
+        run_finetune(cfg, run, load_reward_terms(cfg, seed_dir / "classifiers"), backend, progress=False, init=init)
+        shutil.rmtree(root / "measured", ignore_errors=True)
+    return cfg, root
+
 def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar, table: bool = True) -> dict:
-    """CTRL on one task and seed for each gamma (every control at that gamma; the seed's classifiers): its point on
-    the front as the grid search measures, and with `table` also accuracy, feature-FID, fidelity and path KL at
-    the reported sample count. A gamma besides the task's own starts from the task's CTRL model (its new
-    parameters) and runs `size.gamma_steps` steps: the meter log Z - J at its end says how near its optimum it
-    got (`final_gap`, the mean over the last tenth of its steps; NaN without the meter)."""
+    """CTRL on one task and seed for each gamma (`gamma_model`; the seed's classifiers): its point on the front as
+    the grid search measures, and with `table` also accuracy, feature-FID, fidelity and path KL at the reported
+    sample count. The meter log Z - J at the end of a gamma's own fine-tune says how near its optimum it got
+    (`final_gap`, the mean over the last tenth of its steps; NaN without the meter)."""
     result, controls = {}, list(TASKS[task])
     knobs = {"w": C.preset(size.preset).eval.guidance}  # CTRL as the main table samples it: gamma = 10 is reused
     seed_dir = out / task / f"seed{seed}"  # the main table's models and classifiers
@@ -125,17 +142,9 @@ def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar
             "measured": seed_dir / "measured"}
     for gamma in size.gammas:
         bar.set_postfix_str(f"{task} seed {seed}: gamma {gamma:g}")
-        cfg, paths, root = task_config(size, dict.fromkeys(controls, gamma), seed), dict(main), seed_dir / "ctrl"
-        if cfg.rl.controls != TASKS[task]:
-            warm = size.gamma_steps is not None
-            if warm:
-                cfg.rl.steps = size.gamma_steps
-            root = gamma_dir(out, task, seed, gamma)
-            if run := stage(root, cfg, "ctrl.safetensors", env["resume"], env["report_to"]):
-                init = ControlledDenoiser.load(main["ctrl"], env["backend"]) if warm else None
-                run_finetune(cfg, run, load_reward_terms(cfg, main["classifiers"]), env["backend"], progress=False,
-                             init=init)
-                shutil.rmtree(root / "measured", ignore_errors=True)
+        cfg, root = gamma_model(size, task, seed, gamma, out, env["backend"], env["resume"], env["report_to"])
+        paths = dict(main)
+        if gamma in swept(size, task):
             paths |= {"ctrl": root / "ctrl.safetensors", "measured": root / "measured"}
         tune_cfg = copy.deepcopy(cfg)
         tune_cfg.eval.per_class = size.tune_per_class
@@ -149,6 +158,42 @@ def gamma_sweep(size: BenchSize, task: str, seed: int, out: Path, env: dict, bar
         for gamma, row in common_meter({g: r.pop("meter") for g, r in result.items()}).items():
             result[gamma] |= row
     return result
+
+def training_waves(size: BenchSize, out: Path, resume: bool = False, report_to: str = "none") -> list[list]:
+    """`train_all`'s jobs, (kind, args), in two waves: each pipeline's classifiers, CTRL and CFG (`prepare`), then
+    the gamma sweep's fine-tunes, which start from those CTRL models (`gamma_model`)."""
+    return [[("prepare", (task_config(size, TASKS[t], s), out / t / f"seed{s}", False, None, report_to, resume))
+             for t in TASKS for s in task_seeds(size, t)]
+            + [("prepare", (efficiency_config(size, n, s), out / "efficiency" / f"n{n}-seed{s}", False, None,
+                            report_to, resume, False)) for n in size.pairs for s in size.efficiency_seeds],
+            [("gamma", (size, t, s, g, out, resume, report_to))
+             for t in TASKS for s in task_seeds(size, t) for g in swept(size, t)]]
+
+def _train(job: str, args: tuple, threads: int) -> None:
+    """One of `training_waves`' jobs in a worker process of `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    if job == "prepare":
+        prepare(*args)
+    else:
+        size = args[0]
+        gamma_model(*args[:5], backend_for(C.preset(size.preset)), *args[5:])
+
+def train_all(size: BenchSize, out: Path, resume: bool, report_to: str, jobs: int, progress: bool = True) -> None:
+    """Every model the bench measures (`training_waves`), `jobs` at a time in worker processes with a share of the
+    cores each (a fine-tune's step on one core beside another costs 1.2x its time alone on two, so two side by
+    side train 1.7x as fast). What measures them afterwards finds them finished (`stage` under the same config)."""
+    from tqdm import tqdm
+
+    waves = training_waves(size, out, resume, report_to)
+    with (tqdm(total=sum(map(len, waves)), desc=f"training, {jobs} at a time", unit="job", disable=not progress,
+               dynamic_ncols=True) as bar, worker_pool(jobs) as (pool, threads)):
+        for wave in waves:
+            futures = [pool.submit(_train, job, args, threads) for job, args in wave]
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
+                bar.update()
 
 def training_time(out: Path) -> dict[str, list]:
     """The fine-tunes under `out` and their summed wall time in seconds, from each model's metadata (so a resumed

@@ -99,13 +99,16 @@ def against_ctrl(curves: dict[str, list[dict]], lo: float = 0.85, step: float = 
 def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Path]) -> str:
     c4, multi = results["tasks"]["compress4"], results["tasks"]["multi"]
     rel = {k: f"figures/{p.name}" for k, p in figures.items()}
-    command = "ctrldiff bench" + (" --quick" if size_name == "quick" else "") + " --docs docs"
+    command = ("ctrldiff bench" + (" --quick" if size_name == "quick" else "")
+               + (f" --jobs {results['jobs']}" if results.get("jobs", 1) > 1 else "") + " --docs docs")
     wall = f"wall time {results['seconds'] / 60:.1f} min" + (
         " (the last invocation of a resumed run: what earlier ones finished is not counted)"
         if results.get("resumed") else "")
     (n_ctrl, s_ctrl), (n_cfg, s_cfg) = results["training"]["ctrl"], results["training"]["cfg"]
+    jobs = results.get("jobs", 1)
     wall += (f"; of the work, {n_ctrl} CTRL fine-tunes took {s_ctrl / 60:.0f} min and {n_cfg} CFG trainings on "
-             f"triplets {s_cfg / 60:.0f} min")
+             f"triplets {s_cfg / 60:.0f} min" + (f" (each timed in its worker, {jobs} side by side, one share "
+                                                 "of the cores each; the sampling after them alone)" if jobs > 1 else ""))
     lines = [
         "# The paper's evaluation at our scale (`ctrldiff bench`)\n",
         (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; {wall}, "

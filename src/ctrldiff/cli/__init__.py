@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tunes, measurements) are reused, unfinished fine-tunes continue from their checkpoints")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="train every model first, this many at a time in worker processes with a share of the "
+                        "CPU cores each, then measure alone (default: one per core; on a GPU 1); 1 trains and "
+                        "measures in turn in this process")
     add_report(p)
     p.set_defaults(fn=cmd_bench)
 

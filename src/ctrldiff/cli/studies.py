@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config as C
-from ..io import CtrlDiffError, refuse_existing
+from ..io import CtrlDiffError, default_jobs, refuse_existing
 from .options import device_override, resolved
 
 
 def cmd_demo(args) -> None:
-    from ..demo import default_jobs, run_preset, run_side_by_side
+    from ..demo import run_preset, run_side_by_side
     from ..pipeline import check_finetune
 
     root = args.out or Path("runs") / "demo"
@@ -26,7 +26,8 @@ def cmd_demo(args) -> None:
         from ..tracking import trackers_for
 
         trackers_for(args.report_to)
-    jobs = default_jobs(cfgs) if args.jobs is None else args.jobs
+    cpu = all(c.device == "cpu" for c in cfgs.values())
+    jobs = default_jobs(len(cfgs), cpu) if args.jobs is None else args.jobs
     if jobs < 1:
         raise CtrlDiffError(f"demo --jobs {jobs}: at least 1 (1 runs the presets in turn in this process)")
     if jobs > 1:  # asked for, or more than one preset on a multi-core CPU
@@ -39,6 +40,7 @@ def cmd_demo(args) -> None:
     print("\n" + "\n".join(tables))
 
 def cmd_bench(args) -> None:
+    from ..backends import resolve_device
     from ..bench import rewrite_report, run_bench
 
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
@@ -51,7 +53,10 @@ def cmd_bench(args) -> None:
     if args.overwrite and args.resume:
         raise CtrlDiffError("bench: --resume keeps what a run in --out finished, --overwrite redoes it; pass one")
     docs = args.docs or out / "docs"
+    jobs = default_jobs(8, resolve_device("auto") == "cpu") if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise CtrlDiffError(f"bench --jobs {jobs}: at least 1 (1 trains and measures in turn in this process)")
     results = run_bench("quick" if args.quick else "full", out, docs, report_to=args.report_to or "none",
-                        resume=args.resume)
+                        resume=args.resume, jobs=jobs)
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
