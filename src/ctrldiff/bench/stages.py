@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import numpy as np
@@ -178,22 +178,45 @@ def _train(job: str, args: tuple, threads: int) -> None:
         size = args[0]
         gamma_model(*args[:5], backend_for(C.preset(size.preset)), *args[5:])
 
+def _doing(job: str, args: tuple, since: float) -> str | None:
+    """What a training job is at, from the newest of its run folders written since `since` (None: not started)."""
+    if job == "prepare":
+        root, steps = args[1], args[0].rl.steps
+        name, stages = f"{root.parent.name}/{root.name}", [("classifiers", root / "classifiers"),
+                                                           ("CTRL", root / "ctrl"), ("CFG", root / "cfg")]
+    else:
+        size, task, seed, gamma, out = args[:5]
+        steps = size.gamma_steps or C.preset(size.preset).rl.steps
+        name, stages = f"{task}/seed{seed}", [(f"CTRL at gamma {gamma:g}", gamma_dir(out, task, seed, gamma))]
+    fresh = [(n, d) for n, d in stages if (d / "metrics.jsonl").is_file()
+             and (d / "metrics.jsonl").stat().st_mtime >= since]
+    if not fresh:
+        return None
+    stage, folder = fresh[-1]
+    done = [r["step"] + 1 for r in read_records(folder) if "kl" in r and "step" in r]
+    return f"{name} {stage}" + (f" {max(done)}/{steps}" if stage.startswith("CTRL") and done else "")
+
 def train_all(size: BenchSize, out: Path, resume: bool, report_to: str, jobs: int, progress: bool = True) -> None:
     """Every model the bench measures (`training_waves`), `jobs` at a time in worker processes with a share of the
     cores each (a fine-tune's step on one core beside another costs 1.2x its time alone on two, so two side by
-    side train 1.7x as fast). What measures them afterwards finds them finished (`stage` under the same config)."""
+    side train 1.7x as fast). What measures them afterwards finds them finished (`stage` under the same config).
+    The bar counts finished jobs and names what the running ones are at."""
     from tqdm import tqdm
 
-    waves = training_waves(size, out, resume, report_to)
+    waves, t0 = training_waves(size, out, resume, report_to), time.time()
     with (tqdm(total=sum(map(len, waves)), desc=f"training, {jobs} at a time", unit="job", disable=not progress,
                dynamic_ncols=True) as bar, worker_pool(jobs) as (pool, threads)):
         for wave in waves:
-            futures = [pool.submit(_train, job, args, threads) for job, args in wave]
-            for future in as_completed(futures):
-                if future.exception() is not None:
-                    pool.shutdown(cancel_futures=True)
-                    raise future.exception()
-                bar.update()
+            pending = {pool.submit(_train, job, args, threads): (job, args) for job, args in wave}
+            while pending:
+                done, _ = wait(pending, timeout=10.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending.pop(future)
+                    if future.exception() is not None:
+                        pool.shutdown(cancel_futures=True)
+                        raise future.exception()
+                    bar.update()
+                bar.set_postfix_str("; ".join(filter(None, (_doing(*job, t0) for job in pending.values()))))
 
 def training_time(out: Path) -> dict[str, list]:
     """The fine-tunes under `out` and their summed wall time in seconds, from each model's metadata (so a resumed
