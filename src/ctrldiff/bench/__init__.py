@@ -17,7 +17,7 @@ Modules: `grid` (sizes, tasks, knob grids), `stages` (models and measurements on
 from .fronts import best_at, envelope, pareto, point
 from .grid import GRID, SIZES, TASKS, BenchSize, machine
 from .run import rewrite_report, run_bench
-from .stages import environment, final_gap, gamma_dir, measure, stage
+from .stages import environment, final_gap, gamma_dir, measure, stage, training_waves
 from .tables import against_ctrl, front_table
 
 __all__ = [
@@ -39,4 +39,5 @@ __all__ = [
            "rewrite_report",
            "run_bench",
            "stage",
+           "training_waves",
 ]

@@ -41,7 +41,7 @@ def cmd_demo(args) -> None:
 
 def cmd_bench(args) -> None:
     from ..backends import resolve_device
-    from ..bench import rewrite_report, run_bench
+    from ..bench import SIZES, rewrite_report, run_bench, training_waves
 
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
     if args.report_only:
@@ -52,11 +52,12 @@ def cmd_bench(args) -> None:
         refuse_existing(out, options="--resume, --overwrite")
     if args.overwrite and args.resume:
         raise CtrlDiffError("bench: --resume keeps what a run in --out finished, --overwrite redoes it; pass one")
-    docs = args.docs or out / "docs"
-    jobs = default_jobs(8, resolve_device("auto") == "cpu") if args.jobs is None else args.jobs
+    docs, size = args.docs or out / "docs", "quick" if args.quick else "full"
+    pipelines = len(training_waves(SIZES[size], out)[0])
+    jobs = default_jobs(pipelines, resolve_device("auto") == "cpu") if args.jobs is None else args.jobs
     if jobs < 1:
         raise CtrlDiffError(f"bench --jobs {jobs}: at least 1 (1 trains and measures in turn in this process)")
-    results = run_bench("quick" if args.quick else "full", out, docs, report_to=args.report_to or "none",
+    results = run_bench(size, out, docs, report_to=args.report_to or "none",
                         resume=args.resume, jobs=jobs)
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
