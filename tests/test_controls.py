@@ -5,13 +5,17 @@ import torch
 
 from ctrldiff.io import CtrlDiffError
 from ctrldiff.tasks.controls import (
+    COMPRESS4,
     CONTROLS,
+    THICKNESS2,
     Control,
     get_control,
     jpeg_size,
     register,
     stroke_thickness,
+    thresholds_from_data,
 )
+from ctrldiff.tasks.mnist import load_digits, to_unit
 
 
 def _blank(n=1, res=16):
@@ -28,6 +32,14 @@ def _bars():
     ims[0, 0, 1:15, 8] = 1
     ims[1, 0, 1:15, 7:10] = 1
     return ims
+
+
+@pytest.mark.parametrize("resolution", [16, 28])
+def test_the_frozen_thresholds_are_the_training_splits_quantiles(resolution):
+    """The labels' constants are what their comment says: quartiles of the JPEG size and the median stroke
+    thickness of the 4,000 training digits (split seed 0), recomputed here."""
+    found = thresholds_from_data(to_unit(load_digits("train", resolution).x))
+    assert found == {"compress4": COMPRESS4[resolution], "thickness2": THICKNESS2[resolution]}
 
 
 # --- stroke_thickness ------------------------------------------------------------------------------------
