@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -82,6 +83,33 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     assert "the last invocation of a resumed run" in text
     bench.rewrite_report(out, docs)  # from bench.json alone: the same section, methods and knobs in the same order
     assert (docs / "benchmarks.md").read_text() == text
+
+    # a part of the bench reuses the whole one's models and measurements (the spies above still refuse any work)
+    # and writes a section, a json and a figures folder of its own; the whole bench's section stays as it was
+    whole = _section(text, "bench")
+    for args, name in [(["compress4", "--seeds", "0"], "bench-compress4-seed0"), (["efficiency"], "bench-efficiency")]:
+        assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs), "--resume", "--jobs", "1",
+                     "--parts", *args]) == 0
+        text = (docs / "benchmarks.md").read_text()
+        assert _section(text, "bench") == whole
+        part = _section(text, name)
+        assert f"--parts {args[0]}" in part and ("## Sample efficiency" in part) == (args[0] == "efficiency")
+        assert ("## Single control: compress4" in part) == (args[0] == "compress4")
+        assert "## Multi-task" not in part
+        figures = re.findall(r"\]\((figures/[^)]+\.png)\)", part)
+        assert figures and all(f.startswith(f"figures/{name}/") and (docs / f).is_file() for f in figures), figures
+    c4 = json.loads((out / "bench-compress4-seed0.json").read_text())
+    assert list(c4["tasks"]) == ["compress4"] and c4["tasks"]["compress4"]["runs"] == {"0": again["tasks"]["compress4"]["runs"]["0"]}
+    assert c4["gamma"] == {"compress4": again["gamma"]["compress4"]} and c4["efficiency"] is None
+    eff = json.loads((out / "bench-efficiency.json").read_text())
+    assert eff["tasks"] == {} and eff["efficiency"] == again["efficiency"]
+    bench.rewrite_report(out, docs, ["compress4"], [0])
+    assert (docs / "benchmarks.md").read_text() == text
+
+
+def _section(text: str, key: str) -> str:
+    """The text of one `write_section` section of a markdown file."""
+    return text.split(f"<!-- section:{key} -->")[1].split(f"<!-- /section:{key} -->")[0]
 
 
 def test_a_resumed_stage_is_kept_continued_or_redone_by_its_config(tmp_path):

@@ -89,6 +89,8 @@ def _cli(*args, cwd=None):
     (["demo", "--presets", "tiny", "tiny"], "demo --presets tiny tiny: each preset once"),
     (["demo", "--presets", "tiny", "--jobs", "0"], "demo --jobs 0: at least 1"),
     (["bench", "--quick", "--jobs", "0"], "bench --jobs 0: at least 1"),
+    (["bench", "--quick", "--parts", "nope"], "invalid choice: 'nope' (choose from 'compress4', 'multi', 'efficiency')"),
+    (["bench", "--quick", "--seeds", "-1"], "bench --seeds -1: seeds are non-negative"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)

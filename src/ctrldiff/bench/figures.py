@@ -45,14 +45,10 @@ def front_figure(task: str, curves: dict[str, list[dict]], path: Path) -> Path:
     fig.tight_layout(rect=(0, 0, 0.78, 1))
     return _save(fig, path)
 
-def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict, curves: dict) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def efficiency_figure(efficiency: dict, path: Path) -> Path:
+    """CTRL's accuracy and digit fidelity from N pairs beside CFG's from N triplets, mean ± std over seeds."""
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = {}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for key, label in [("ctrl", "CTRL from N pairs (x, y)"), ("cfg", "CFG from N triplets (x, c, y), w tuned per N")]:
         ns = sorted(efficiency[key])
@@ -66,7 +62,11 @@ def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict, cur
     axes[0].legend(fontsize=7)
     fig.suptitle("Sample efficiency on compress4 (mean ± std over seeds)")
     fig.tight_layout()
-    figures["efficiency"] = _save(fig, folder / "sample_efficiency.png")
+    return _save(fig, path)
+
+def gamma_figure(gammas: dict, path: Path) -> Path:
+    """CTRL's accuracy against feature-FID and against its path KL to the base, one line per task over γ."""
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for task, sweep in gammas.items():
@@ -81,8 +81,19 @@ def write_figures(folder: Path, tasks: dict, efficiency: dict, gammas: dict, cur
     axes[0].legend(fontsize=7)
     fig.suptitle("CTRL's γ trade-off (every control at γ)")
     fig.tight_layout()
-    figures["gamma"] = _save(fig, folder / "gamma_sweep.png")
+    return _save(fig, path)
 
+def write_figures(folder: Path, tasks: dict, efficiency: dict | None, gammas: dict, curves: dict) -> dict[str, Path]:
+    """Every figure of the parts a bench ran, under `folder`; their paths by the report's keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    if efficiency is not None:
+        figures["efficiency"] = efficiency_figure(efficiency, folder / "sample_efficiency.png")
+    if gammas:
+        figures["gamma"] = gamma_figure(gammas, folder / "gamma_sweep.png")
     for task, task_curves in curves.items():
         figures[f"front-{task}"] = front_figure(task, task_curves, folder / f"front-{task}.png")
     for task, result in tasks.items():

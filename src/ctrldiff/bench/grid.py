@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import platform
@@ -54,6 +55,8 @@ SIZES = {
 
 TASKS = {"compress4": {"compress4": 10.0}, "multi": {"thickness2": 10.0, "compress2": 10.0}}
 
+PARTS = [*TASKS, "efficiency"]  # what `ctrldiff bench --parts` can pick: each task, and the sample-efficiency study
+
 TASK_TITLES = {"compress4": "compress4 (4 JPEG-size classes)", "multi": "the 2×2 task thickness2 × compress2"}
 
 def machine() -> str:
@@ -86,3 +89,27 @@ def efficiency_config(size: BenchSize, n: int, seed: int) -> C.Config:
 def swept(size: BenchSize, task: str) -> list[float]:
     """The gammas of the sweep that need a fine-tune of their own (every gamma but the task's)."""
     return [g for g in size.gammas if dict.fromkeys(TASKS[task], g) != TASKS[task]]
+
+
+def restrict(size: BenchSize, parts: list[str], seeds: list[int] | None = None) -> BenchSize:
+    """The bench of `size` on `parts` alone (tasks of TASKS, "efficiency"), each on `seeds` (None: its own): a
+    part without seeds is not run, and a finished part's models and measurements are the whole bench's."""
+    def pick(part: str, own: list[int]) -> list[int]:
+        return (list(own) if seeds is None else list(seeds)) if part in parts else []
+
+    return dataclasses.replace(size, seeds=pick("compress4", size.seeds), multi_seeds=pick("multi", size.multi_seeds),
+                               efficiency_seeds=pick("efficiency", size.efficiency_seeds))
+
+
+def tasks_of(size: BenchSize) -> list[str]:
+    """The tasks this (perhaps restricted) size runs."""
+    return [t for t in TASKS if task_seeds(size, t)]
+
+
+def section(parts: list[str], seeds: list[int] | None) -> str:
+    """The benchmarks.md section (and figures/ subfolder) of a bench on `parts` and `seeds`: `bench` for the whole
+    one, else its own (`bench-compress4-seed0`), so that a part never overwrites the whole bench's numbers."""
+    if list(parts) == PARTS and seeds is None:
+        return "bench"
+    return "-".join(["bench", *parts] + ([f"seed{'+'.join(map(str, seeds))}"] if seeds is not None else []))
+

@@ -17,15 +17,19 @@ from ..tracking import trackers_for
 from .figures import write_figures
 from .fronts import accuracy, fronts, point
 from .grid import (
+    PARTS,
     SIZES,
     TASKS,
     TUNE_SEED,
     BenchSize,
     efficiency_config,
     machine,
+    restrict,
+    section,
     settings,
     task_config,
     task_seeds,
+    tasks_of,
 )
 from .stages import environment, gamma_sweep, measure, prepare, real_floor, train_all, training_time
 from .tables import report
@@ -88,12 +92,13 @@ def sample_efficiency(size: BenchSize, out: Path, env: dict, bar) -> dict:
 
 def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]:
     """The target p_gamma over the gamma grid (every control at that gamma), by importance sampling over the bank
-    with seed 0's reward classifiers, at the grid search's sample count: the front CTRL aims at."""
+    with the task's first seed's reward classifiers, at the grid search's sample count: the front CTRL aims at."""
     from ..pipeline import target_bank
     from ..target import target_metrics
 
-    cfg = task_config(size, TASKS[task], size.seeds[0])
-    terms = load_reward_terms(cfg, out / task / f"seed{size.seeds[0]}" / "classifiers")
+    first = task_seeds(size, task)[0]
+    cfg = task_config(size, TASKS[task], first)
+    terms = load_reward_terms(cfg, out / task / f"seed{first}" / "classifiers")
     bank, controls = target_bank(cfg, env["backend"], progress=False), controls_of(cfg)
     rows = []
     for gamma in size.gammas:
@@ -105,16 +110,20 @@ def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]
     return rows
 
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
-              progress: bool = True, report_to: str = "none", resume: bool = False, jobs: int = 1) -> dict:
+              progress: bool = True, report_to: str = "none", resume: bool = False, jobs: int = 1,
+              parts: list[str] | None = None, seeds: list[int] | None = None) -> dict:
     """Run the benchmark; returns the results and writes `<docs>/benchmarks.md` (section `bench`) + figures.
     report_to: every training run (classifiers, CTRL, CFG, the gamma sweep) also logs to these trackers.
     resume: reuse what an interrupted bench in `out` finished under the same configs (models, measurements).
     jobs: with more than 1, every model is trained first, that many at a time in worker processes
     (`train_all`); the measurements follow in this process, alone on the machine (their seconds per sample are
-    a column)."""
+    a column).
+    parts, seeds: run only these parts (`grid.PARTS`) on these seeds (`grid.restrict`); the report goes to a
+    section and figures/ subfolder of its own (`grid.section`), and the models to the whole bench's folders."""
     if report_to != "none":
         trackers_for(report_to)  # fail before any work
-    size = SIZES[size_name]
+    parts = list(PARTS if parts is None else parts)
+    size, name = restrict(SIZES[size_name], parts, seeds), section(parts, seeds)
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
     t0 = time.time()
@@ -123,39 +132,49 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
     env = environment(size.preset, report_to, resume=resume or jobs > 1)  # jobs > 1: the models just trained
     total = len(size.seeds) + len(size.multi_seeds) + len(size.pairs) * len(size.efficiency_seeds)
     with tqdm(total=total, desc=f"bench ({size_name})", disable=not progress, dynamic_ncols=True) as bar:
-        tasks = {task: run_task(size, task, out, env, bar) for task in TASKS}
-        efficiency = sample_efficiency(size, out, env, bar)
+        tasks = {task: run_task(size, task, out, env, bar) for task in tasks_of(size)}
+        efficiency = sample_efficiency(size, out, env, bar) if size.efficiency_seeds else None
         bar.set_postfix_str("the target's fronts")
-        targets = {task: target_curve(size, task, out, env) for task in TASKS}
-    first = {task: next(iter(tasks[task]["runs"])) for task in TASKS}
-    results = {"size": size_name,
+        targets = {task: target_curve(size, task, out, env) for task in tasks}
+    first = {task: next(iter(tasks[task]["runs"])) for task in tasks}
+    results = {"size": size_name, "parts": parts, "seeds": seeds,
                "tasks": {k: {kk: vv for kk, vv in v.items() if kk not in ("grids", "tuning", "gamma")}
                          for k, v in tasks.items()},
-               "efficiency": efficiency, "gamma": {task: tasks[task]["gamma"][first[task]] for task in TASKS},
-               "fronts": {task: fronts(tasks[task], first[task], targets[task]) for task in TASKS},
-               "front_seeds": {task: [fronts(tasks[task], s) for s in tasks[task]["runs"]] for task in TASKS},
+               "efficiency": efficiency, "gamma": {task: tasks[task]["gamma"][first[task]] for task in tasks},
+               "fronts": {task: fronts(tasks[task], first[task], targets[task]) for task in tasks},
+               "front_seeds": {task: [fronts(tasks[task], s) for s in tasks[task]["runs"]] for task in tasks},
                "seconds": time.time() - t0, "real": real_floor(env, size.preset),
                "resumed": resume, "jobs": jobs, "training": training_time(out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
-    write_json(out / "bench.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
-    figures = write_figures(docs / "figures", tasks, efficiency, results["gamma"], results["fronts"])
-    write_section(docs / "benchmarks.md", "bench", report(size_name, size, results, figures))
+    write_json(out / f"{name}.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
+    folder = docs / "figures" / ("" if name == "bench" else name)
+    figures = write_figures(folder, tasks, efficiency, results["gamma"], results["fronts"])
+    write_section(docs / "benchmarks.md", name, report(size_name, size, results, figures, docs))
     return results
 
-def rewrite_report(out: str | Path, docs: str | Path | None = None) -> dict:
-    """Rewrite the `bench` section from a finished run's bench.json and figures (no sampling, no training)."""
+def rewrite_report(out: str | Path, docs: str | Path | None = None, parts: list[str] | None = None,
+                   seeds: list[int] | None = None) -> dict:
+    """Rewrite a bench's section (`parts` and `seeds` as it ran) from its finished run's json and figures (no sampling,
+    no training)."""
     out = Path(out)
     docs = Path(docs) if docs is not None else out / "docs"
-    results = read_json(out / "bench.json")
-    results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
-                                  for k in ("ctrl", "cfg", "cfg_w")})
+    parts = list(PARTS if parts is None else parts)
+    name = section(parts, seeds)
+    results = read_json(out / f"{name}.json")
+    if results["efficiency"] is not None:
+        results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
+                                      for k in ("ctrl", "cfg", "cfg_w")})
     results["gamma"] = {t: {float(g): v for g, v in sweep.items()} for t, sweep in results["gamma"].items()}
-    folder = docs / "figures"
-    figures = {"efficiency": folder / "sample_efficiency.png", "gamma": folder / "gamma_sweep.png"}
-    figures.update({f"front-{t}": folder / f"front-{t}.png" for t in TASKS})
-    figures.update({f"grid-{t}-{m}": folder / f"grid-{t}-{m}.png" for t in TASKS for m in results["tasks"][t]["best"]})
+    folder = docs / "figures" / ("" if name == "bench" else name)
+    figures = {"gamma": folder / "gamma_sweep.png"} if results["tasks"] else {}
+    if results["efficiency"] is not None:
+        figures["efficiency"] = folder / "sample_efficiency.png"
+    for t, task in results["tasks"].items():
+        figures |= {f"front-{t}": folder / f"front-{t}.png"} | {f"grid-{t}-{m}": folder / f"grid-{t}-{m}.png"
+                                                               for m in task["best"]}
     missing = [str(p) for p in figures.values() if not p.is_file()]
     if missing:
         raise CtrlDiffError(f"missing figure {missing[0]}; run `ctrldiff bench` with the same --docs first")
-    write_section(docs / "benchmarks.md", "bench", report(results["size"], SIZES[results["size"]], results, figures))
+    size = restrict(SIZES[results["size"]], parts, seeds)
+    write_section(docs / "benchmarks.md", name, report(results["size"], size, results, figures, docs))
     return results

@@ -10,7 +10,7 @@ import numpy as np
 from .. import config as C
 from ..classifier import classifier_steps, held_back
 from .fronts import best_at, ms_per_sample
-from .grid import HARD_CORNER, TASKS, TUNE_SEED, BenchSize
+from .grid import HARD_CORNER, PARTS, TASK_TITLES, TUNE_SEED, BenchSize, section, task_seeds
 
 
 def _ms(values: list[float], fmt: str = ".3f") -> str:
@@ -96,10 +96,15 @@ def against_ctrl(curves: dict[str, list[dict]], lo: float = 0.85, step: float = 
         lines.append(f"- {method}: {words}.")
     return lines
 
-def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Path]) -> str:
-    c4, multi = results["tasks"]["compress4"], results["tasks"]["multi"]
-    rel = {k: f"figures/{p.name}" for k, p in figures.items()}
+def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Path], docs: Path) -> str:
+    """The bench's section of benchmarks.md: the parts it ran (`results["tasks"]`, the sample-efficiency study where
+    `results["efficiency"]`), every figure linked relative to `docs`."""
+    tasks, parts, seeds = results["tasks"], results.get("parts", PARTS), results.get("seeds")
+    partial = section(parts, seeds) != "bench"
+    rel = {k: p.relative_to(docs).as_posix() for k, p in figures.items()}
     command = ("ctrldiff bench" + (" --quick" if size_name == "quick" else "")
+               + (f" --parts {' '.join(parts)}" if partial else "")
+               + (f" --seeds {' '.join(map(str, seeds))}" if seeds is not None else "")
                + (f" --jobs {results['jobs']}" if results.get("jobs", 1) > 1 else "") + " --docs docs")
     wall = f"wall time {results['seconds'] / 60:.1f} min" + (
         " (the last invocation of a resumed run: what earlier ones finished is not counted)"
@@ -109,52 +114,46 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
     wall += (f"; of the work, {n_ctrl} CTRL fine-tunes took {s_ctrl / 60:.0f} min and {n_cfg} CFG trainings on "
              f"triplets {s_cfg / 60:.0f} min" + (f" (each timed in its worker, {jobs} side by side, one share "
                                                  "of the cores each; the sampling after them alone)" if jobs > 1 else ""))
+    on = "; ".join(f"seeds {task_seeds(size, t)} for {TASK_TITLES[t]}" for t in tasks)
+    chosen = ", ".join(f"seed {task_seeds(size, t)[0]}'s models on {TASK_TITLES[t]}" for t in tasks)
     lines = [
-        "# The paper's evaluation at our scale (`ctrldiff bench`)\n",
+        "# The paper's evaluation at our scale (`ctrldiff bench`" + (f": {', '.join(parts)} alone)" if partial else ")")
+        + "\n",
         (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; {wall}, "
          f"peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
-         f"preset `{size.preset}`, seeds {size.seeds} for compress4 and {size.multi_seeds} for the 2×2 task (a seed "
-         f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each method's setting is its best accuracy over the "
-         f"grid below on seed {size.seeds[0]}'s models (sampling seed {TUNE_SEED}, "
+         f"preset `{size.preset}`, {on} (a seed "
+         f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each "
+         f"method's setting is its best accuracy over the grid below on {chosen} (sampling seed {TUNE_SEED}, "
          f"{size.tune_per_class} per class). Nothing here is typed by hand.\n"),
         *([(f"Real digits for scale: {results['real']['n']:,} training digits score feature-FID "
             f"{results['real']['feature_fid']:.1f} against the held-out ones (the floor at this sample size) and "
             f"digit fidelity {results['real']['digit_fidelity']:.3f} (the digit oracle's own accuracy).\n")]
           if "real" in results else []),
         "Grids: " + "; ".join(f"{m} {g}" for m, g in size.grid.items() if g) + ".\n",
-        "## Single control: compress4\n", *single_table(c4), "",
-        "## Multi-task 2×2: thickness2 × compress2 (per-corner joint accuracy)\n",
-        f"The hard corner, thick yet compressible (`{HARD_CORNER}`), is in bold.\n", *multi_table(multi), "",
+        *(["## Single control: compress4\n", *single_table(tasks["compress4"]), ""] if "compress4" in tasks else []),
+        *(["## Multi-task 2×2: thickness2 × compress2 (per-corner joint accuracy)\n",
+           f"The hard corner, thick yet compressible (`{HARD_CORNER}`), is in bold.\n", *multi_table(tasks["multi"]), ""]
+          if "multi" in tasks else []),
+    ]
+    fronts = [] if not tasks else [
         "## Accuracy against quality: each method along its knob\n",
         ("Every setting of the grid (sampling seed "
          f"{TUNE_SEED}, {size.tune_per_class} samples per class), CTRL over γ {size.gammas} (every control at γ), "
-         "and the target p_γ over the same γ from the bank (seed 0's classifiers). Best "
+         "and the target p_γ over the same γ from the bank (the first seed's classifiers). Best "
          "accuracy at a fidelity level: along the method's own front (its points no other of its points beats in "
          "both), on the upper concave envelope of its points (a random mixture of two settings reaches every point "
-         "between them); \"not reached\" where no setting gets there. The figures and the verdicts against CTRL: seed 0's models. The tables: mean ± std (sample std, ddof = 1) over "
-         f"each seed's own front (seeds {size.seeds} on compress4, {size.multi_seeds} on the 2×2 task; the target "
-         "from seed 0's classifiers); the cost columns span the method's settings.\n"),
-        *[x for task in TASKS for x in (f"### {task}\n", f"![{task} front]({rel[f'front-{task}']})\n",
+         "between them); \"not reached\" where no setting gets there. The figures and the verdicts against CTRL: the "
+         "first seed's models. The tables: mean ± std (sample std, ddof = 1) over each seed's own front ("
+         f"{on}; the target from the first seed's classifiers); the cost columns span the method's settings.\n"),
+        *[x for task in tasks for x in (f"### {task}\n", f"![{task} front]({rel[f'front-{task}']})\n",
                                         *front_table(results["fronts"][task], results["front_seeds"][task]), "",
                                         "At digit fidelity ≥ 0.85, against CTRL's front (levels 0.01 apart):\n",
                                         *against_ctrl(results["fronts"][task]), "")],
-        "## Sample efficiency: CTRL's pairs against CFG's triplets\n",
-        (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) alone (no base "
-         "samples) and fine-tunes by RL; CFG is the same augmented model trained by score matching on N triplets "
-         "(x, c, y), sampled at the w that its grid search chose for that N. The classifier trains for at least "
-         f"{C.preset(size.preset).classifier.min_steps} optimiser steps whatever N ("
-         + ", ".join(f"{classifier_steps(_train(n, size), C.preset(size.preset).classifier)} at N = {n}"
-                     for n in size.pairs)
-         + f"; docs/tuning.md, section min-steps). Seeds {size.efficiency_seeds}, mean ± std.\n"),
-        "| N | " + " | ".join(str(n) for n in size.pairs) + " |", "|---" * (len(size.pairs) + 1) + "|",
-        *[f"| {name} {metric.replace('_', ' ')} | " + " | ".join(
-            _ms([r[metric] for r in results["efficiency"][name][n]]) for n in size.pairs) + " |"
-          for name in ("ctrl", "cfg") for metric in ("accuracy", "digit_fidelity")],
-        "| CFG's w | " + " | ".join(f"{results['efficiency']['cfg_w'][n]:g}" for n in size.pairs) + " |", "",
-        efficiency_claim(results["efficiency"], size.pairs), "",
+    ]
+    rest = [] if not tasks else [
         "## The γ trade-off\n",
-        (f"![gamma sweep]({rel['gamma']})\n\nCTRL for each γ (every control of the task at γ), seed "
-         f"{size.seeds[0]}'s classifiers; the paper fixes γ and leaves this curve open. "
+        (f"![gamma sweep]({rel['gamma']})\n\nCTRL for each γ (every control of the task at γ), the first seed's "
+         "classifiers; the paper fixes γ and leaves this curve open. "
          + (f"Each γ besides 10 starts from the γ = 10 model and fine-tunes {size.gamma_steps} steps (section "
             "gamma-warm below measures this against fine-tunes from scratch); "
             if size.gamma_steps is not None else "Each γ is fine-tuned from scratch; ")
@@ -169,14 +168,36 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
           f"{v['mean_kl']:.1f} | {v['meter_common']:.2f} ({v['common_requests']}) | {v['meter_all']:.2f} "
           f"({v['flagged']}) | {v['final_gap']:.1f} |" for task, sweep in results["gamma"].items()
           for g, v in sweep.items()], "",
-        "## Sample grids (rows = requested y, columns = digit c; seed 0)\n",
-        "| method | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|",
-        *[f"| {m} | " + " | ".join(f"![{t} {m}]({rel[f'grid-{t}-{m}']})" for t in TASKS) + " |"
-          for m in c4["best"]], "",
+        "## Sample grids (rows = requested y, columns = digit c; the first seed)\n",
+        "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+        *[f"| {m} | " + " | ".join(f"![{t} {m}]({rel[f'grid-{t}-{m}']})" for t in tasks) + " |"
+          for m in next(iter(tasks.values()))["best"]], "",
         "## Beside the paper\n",
         paper_section(results),
     ]
+    lines += fronts
+    if results.get("efficiency") is not None:
+        lines += efficiency_section(size, results["efficiency"], rel)
+    lines += rest
     return "\n".join(lines)
+
+def efficiency_section(size: BenchSize, efficiency: dict, rel: dict[str, str]) -> list[str]:
+    """The sample-efficiency study's table: CTRL from N pairs against CFG from N triplets."""
+    return [
+        "## Sample efficiency: CTRL's pairs against CFG's triplets\n",
+        (f"![sample efficiency]({rel['efficiency']})\n\nCTRL fits its classifier on N pairs (x, y) alone (no base "
+         "samples) and fine-tunes by RL; CFG is the same augmented model trained by score matching on N triplets "
+         "(x, c, y), sampled at the w that its grid search chose for that N. The classifier trains for at least "
+         f"{C.preset(size.preset).classifier.min_steps} optimiser steps whatever N ("
+         + ", ".join(f"{classifier_steps(_train(n, size), C.preset(size.preset).classifier)} at N = {n}"
+                     for n in size.pairs)
+         + f"; docs/tuning.md, section min-steps). Seeds {size.efficiency_seeds}, mean ± std.\n"),
+        "| N | " + " | ".join(str(n) for n in size.pairs) + " |", "|---" * (len(size.pairs) + 1) + "|",
+        *[f"| {name} {metric.replace('_', ' ')} | " + " | ".join(
+            _ms([r[metric] for r in efficiency[name][n]]) for n in size.pairs) + " |"
+          for name in ("ctrl", "cfg") for metric in ("accuracy", "digit_fidelity")],
+        "| CFG's w | " + " | ".join(f"{efficiency['cfg_w'][n]:g}" for n in size.pairs) + " |", "",
+        efficiency_claim(efficiency, size.pairs), ""]
 
 def efficiency_claim(eff: dict, pairs: list[int]) -> str:
     """The paper's sample-efficiency claim at our scale: CTRL from a quarter of the data against CFG from all."""
@@ -194,25 +215,25 @@ def _train(n: int, size: BenchSize) -> int:
 
 def paper_section(results: dict) -> str:
     """Our numbers beside the paper's (METHOD.md §5): same metrics, a different scale and model."""
-    c4 = results["tasks"]["compress4"]["runs"]
-    multi = results["tasks"]["multi"]["runs"]
+    def mean(task, method, key):
+        return float(np.mean([key(r[method]) for r in results["tasks"][task]["runs"].values()]))
 
-    def mean(runs, method, key):
-        return float(np.mean([key(r[method]) for r in runs.values()]))
-
-    rows = [
-        ("compress4, reconstruction guidance: accuracy", "0.449", mean(c4, "dps", lambda m: m["compress4"]["accuracy"])),
-        ("compress4, reconstruction guidance: macro-F1", "0.446", mean(c4, "dps", lambda m: m["compress4"]["macro_f1"])),
-        ("compress4, CTRL: accuracy", "not given as one number", mean(c4, "ctrl", lambda m: m["compress4"]["accuracy"])),
-        ("2×2, CTRL: joint accuracy", "\"over 90%\"", mean(multi, "ctrl", lambda m: m["joint_accuracy"])),
-        ("2×2, reconstruction guidance: hard corner", "8 / 128 compressible = 0.06",
-         mean(multi, "dps", lambda m: m["per_corner"][HARD_CORNER])),
-    ]
+    rows = [(q, p, task, method, key) for q, p, task, method, key in [
+        ("compress4, reconstruction guidance: accuracy", "0.449", "compress4", "dps",
+         lambda m: m["compress4"]["accuracy"]),
+        ("compress4, reconstruction guidance: macro-F1", "0.446", "compress4", "dps",
+         lambda m: m["compress4"]["macro_f1"]),
+        ("compress4, CTRL: accuracy", "not given as one number", "compress4", "ctrl",
+         lambda m: m["compress4"]["accuracy"]),
+        ("2×2, CTRL: joint accuracy", "\"over 90%\"", "multi", "ctrl", lambda m: m["joint_accuracy"]),
+        ("2×2, reconstruction guidance: hard corner", "8 / 128 compressible = 0.06", "multi", "dps",
+         lambda m: m["per_corner"][HARD_CORNER]),
+    ] if task in results["tasks"]]
     lines = [("The paper fine-tunes Stable Diffusion v1.5 (512 px, animal prompts) with compressibility measured on "
              "512×512 JPEGs and an aesthetic predictor; we fine-tune a 0.62 M-parameter digit model at 16 px, with "
              "thickness standing in for aesthetics. The metric is the same (the oracle label of the generated image "
              "against the requested one, 128 per class); the scale, the model and the difficulty are not, so the "
              "columns are not a reproduction, only the same question asked of a smaller system.\n"),
              "| quantity | paper (SD v1.5) | ours (digits, 16 px) |", "|---|---|---|"]
-    lines += [f"| {q} | {p} | {o:.3f} |" for q, p, o in rows]
+    lines += [f"| {q} | {p} | {mean(task, method, key):.3f} |" for q, p, task, method, key in rows]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..bench.grid import PARTS
 from ..io import CtrlDiffError
 from .options import (
     add_common,
@@ -97,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted bench in --out: stages finished under the same configs (classifiers, "
                         "fine-tunes, measurements) are reused, unfinished fine-tunes continue from their checkpoints")
     p.add_argument("--report-only", action="store_true",
-                   help="rewrite benchmarks.md from a finished run's bench.json and figures (nothing is re-run)")
+                   help="rewrite benchmarks.md from a finished run's json and figures (nothing is re-run)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=None, metavar="PART",
+                   help=f"run only these parts ({', '.join(PARTS)}; default all): their models are the whole bench's "
+                        "(--resume reuses them), their report a section of its own (`bench-<parts>`)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="each part's seeds (default the bench's own: 0 1 2 for compress4, 0 for the 2x2 task, "
+                        "0 1 for sample efficiency)")
     p.add_argument("--jobs", type=int, default=None,
                    help="train every model first, this many at a time in worker processes with a share of the "
                         "CPU cores each, then measure alone (default: one per core; on a GPU 1); 1 trains and "
