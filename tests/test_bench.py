@@ -101,10 +101,36 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     c4 = json.loads((out / "bench-compress4-seed0.json").read_text())
     assert list(c4["tasks"]) == ["compress4"] and c4["tasks"]["compress4"]["runs"] == {"0": again["tasks"]["compress4"]["runs"]["0"]}
     assert c4["gamma"] == {"compress4": again["gamma"]["compress4"]} and c4["efficiency"] is None
+    # the part's own fine-tunes: seed 0's CTRL and its gamma sweep's, one CFG
+    assert [c4["training"][m][0] for m in ("ctrl", "cfg")] == [1 + len(stages.swept(size, "compress4")), 1]
     eff = json.loads((out / "bench-efficiency.json").read_text())
     assert eff["tasks"] == {} and eff["efficiency"] == again["efficiency"]
     bench.rewrite_report(out, docs, ["compress4"], [0])
     assert (docs / "benchmarks.md").read_text() == text
+
+
+def test_the_real_digit_floor_is_drawn_from_every_digit():
+    """The training split is sorted by digit: the floor's real digits are a random draw of it, not its first rows."""
+    seen = []
+
+    class Net:
+        def features(self, x):
+            seen.append(x)
+            return x.flatten(1)[:, :4]
+
+    class Oracle:  # features of the images it is shown; predicts digit 0 throughout
+        net = Net()
+
+        def predict(self, x):
+            return torch.zeros(len(x), dtype=torch.long)
+
+    cfg = C.preset("tiny")
+    train = stages.load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
+    floor = stages.real_floor({"oracle": Oracle(), "real": train.x[:50].flatten(1)[:, :4].numpy()}, "tiny", n=200)
+    shown = (seen[0] + 1) / 2  # back to [0, 1]
+    digits = train.c[torch.cdist(shown.flatten(1), stages.to_unit(train.x).flatten(1)).argmin(1)]
+    assert len(shown) == 200 and set(digits.tolist()) == set(range(10))
+    assert floor["digit_fidelity"] == pytest.approx((digits == 0).float().mean().item())  # labels of the same rows
 
 
 def _section(text: str, key: str) -> str:

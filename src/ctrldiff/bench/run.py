@@ -144,7 +144,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
                "fronts": {task: fronts(tasks[task], first[task], targets[task]) for task in tasks},
                "front_seeds": {task: [fronts(tasks[task], s) for s in tasks[task]["runs"]] for task in tasks},
                "seconds": time.time() - t0, "real": real_floor(env, size.preset),
-               "resumed": resume, "jobs": jobs, "training": training_time(out),
+               "resumed": resume, "jobs": jobs, "training": training_time(size, out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / f"{name}.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
     folder = docs / "figures" / ("" if name == "bench" else name)

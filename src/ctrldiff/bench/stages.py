@@ -218,11 +218,14 @@ def train_all(size: BenchSize, out: Path, resume: bool, report_to: str, jobs: in
                     bar.update()
                 bar.set_postfix_str("; ".join(filter(None, (_doing(*job, t0) for job in pending.values()))))
 
-def training_time(out: Path) -> dict[str, list]:
-    """The fine-tunes under `out` and their summed wall time in seconds, from each model's metadata (so a resumed
-    bench counts the runs that earlier invocations finished): what a bench's time goes to."""
+def training_time(size: BenchSize, out: Path) -> dict[str, list]:
+    """The fine-tunes of this (perhaps restricted) bench under `out`, each pipeline's with its gamma sweep's, and their
+    summed wall time in seconds, from each model's metadata (so a resumed bench counts the runs that earlier
+    invocations finished): what a bench's time goes to."""
+    roots = [args[1] for _, args in training_waves(size, out)[0]]  # each pipeline's folder
+
     def models(name: str) -> list[dict]:
-        return [read_meta(p) for p in sorted(out.rglob(name)) if "checkpoints" not in p.parts]
+        return [read_meta(p) for root in roots for p in sorted(root.rglob(name)) if "checkpoints" not in p.parts]
 
     ctrl, cfg = models("ctrl.safetensors"), models("cfg.safetensors")
     return {"ctrl": [len(ctrl), sum(m["summary"] for m in ctrl)],
@@ -240,6 +243,7 @@ def real_floor(env: dict, preset: str, n: int = 1000) -> dict:
     digit oracle's accuracy on them (the ceiling of digit fidelity)."""
     cfg = C.preset(preset)
     train = load_digits("train", cfg.data.resolution, cfg.data.heldout, cfg.data.split_seed)
-    images, c = to_unit(train.x[:n]), train.c[:n]
+    keep = torch.randperm(len(train.c), generator=torch.Generator().manual_seed(cfg.seed))[:n]  # sorted by digit
+    images, c = to_unit(train.x[keep]), train.c[keep]
     return {"feature_fid": frechet_distance(features(env["oracle"], images), env["real"]),
             "digit_fidelity": (env["oracle"].predict(images * 2 - 1) == c).float().mean().item(), "n": n}

@@ -115,16 +115,15 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
              f"triplets {s_cfg / 60:.0f} min" + (f" (each timed in its worker, {jobs} side by side, one share "
                                                  "of the cores each; the sampling after them alone)" if jobs > 1 else ""))
     on = "; ".join(f"seeds {task_seeds(size, t)} for {TASK_TITLES[t]}" for t in tasks)
-    chosen = ", ".join(f"seed {task_seeds(size, t)[0]}'s models on {TASK_TITLES[t]}" for t in tasks)
+    chosen = ", ".join(f"seed {task_seeds(size, t)[0]}'s models on {t}" for t in tasks)
     lines = [
         "# The paper's evaluation at our scale (`ctrldiff bench`" + (f": {', '.join(parts)} alone)" if partial else ")")
         + "\n",
         (f"Produced by `{command}` on {results['machine']}, {time.strftime('%Y-%m-%d')}; {wall}, "
-         f"peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`: "
-         f"preset `{size.preset}`, {on} (a seed "
-         f"is a whole pipeline: classifiers, CTRL, CFG and the sampling), {size.per_class} samples per class. Each "
-         f"method's setting is its best accuracy over the grid below on {chosen} (sampling seed {TUNE_SEED}, "
-         f"{size.tune_per_class} per class). Nothing here is typed by hand.\n"),
+         f"peak memory {results['peak_rss_gb']:.2f} GiB. Size `{size_name}`, preset `{size.preset}`, "
+         f"{size.per_class} samples per class; a seed is a whole pipeline (classifiers, CTRL, CFG and the sampling): "
+         f"{on}. Each method's setting is its best accuracy over the grid below on {chosen} (sampling seed "
+         f"{TUNE_SEED}, {size.tune_per_class} per class). Nothing here is typed by hand.\n"),
         *([(f"Real digits for scale: {results['real']['n']:,} training digits score feature-FID "
             f"{results['real']['feature_fid']:.1f} against the held-out ones (the floor at this sample size) and "
             f"digit fidelity {results['real']['digit_fidelity']:.3f} (the digit oracle's own accuracy).\n")]
