@@ -112,4 +112,3 @@ def section(parts: list[str], seeds: list[int] | None) -> str:
     if list(parts) == PARTS and seeds is None:
         return "bench"
     return "-".join(["bench", *parts] + ([f"seed{'+'.join(map(str, seeds))}"] if seeds is not None else []))
-

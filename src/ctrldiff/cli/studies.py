@@ -46,23 +46,24 @@ def cmd_bench(args) -> None:
 
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
     parts = [p for p in PARTS if p in (args.parts or PARTS)]  # in the report's order, once each
-    if args.seeds is not None and min(args.seeds) < 0:
-        raise CtrlDiffError(f"bench --seeds {min(args.seeds)}: seeds are non-negative")
+    seeds = None if args.seeds is None else sorted(set(args.seeds))
+    if seeds is not None and seeds[0] < 0:
+        raise CtrlDiffError(f"bench --seeds {seeds[0]}: seeds are non-negative")
     if args.report_only:
-        rewrite_report(out, args.docs, parts, args.seeds)
+        rewrite_report(out, args.docs, parts, seeds)
         print(f"rewrote {(args.docs or out / 'docs') / 'benchmarks.md'} from "
-              f"{out / (section(parts, args.seeds) + '.json')}")
+              f"{out / (section(parts, seeds) + '.json')}")
         return
     if not (args.overwrite or args.resume):
         refuse_existing(out, options="--resume, --overwrite")
     if args.overwrite and args.resume:
         raise CtrlDiffError("bench: --resume keeps what a run in --out finished, --overwrite redoes it; pass one")
     docs, size = args.docs or out / "docs", "quick" if args.quick else "full"
-    pipelines = len(training_waves(restrict(SIZES[size], parts, args.seeds), out)[0])
+    pipelines = len(training_waves(restrict(SIZES[size], parts, seeds), out)[0])
     jobs = default_jobs(pipelines, resolve_device("auto") == "cpu") if args.jobs is None else args.jobs
     if jobs < 1:
         raise CtrlDiffError(f"bench --jobs {jobs}: at least 1 (1 trains and measures in turn in this process)")
     results = run_bench(size, out, docs, report_to=args.report_to or "none", resume=args.resume, jobs=jobs,
-                        parts=parts, seeds=args.seeds)
+                        parts=parts, seeds=seeds)
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'figures'}/ in {results['seconds'] / 60:.1f} min "
           f"(peak memory {results['peak_rss_gb']:.2f} GiB)")
