@@ -109,6 +109,10 @@ def target_curve(size: BenchSize, task: str, out: Path, env: dict) -> list[dict]
         rows.append(point("target", {"gamma": gamma}, m, list(TASKS[task])) | {"untrusted": m["untrusted_cells"]})
     return rows
 
+def figures_dir(docs: Path, name: str) -> Path:
+    """Where the bench's section `name` keeps its figures: figures/ for the whole bench, figures/<name>/ for a part."""
+    return docs / "figures" / ("" if name == "bench" else name)
+
 def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str | Path | None = None,
               progress: bool = True, report_to: str = "none", resume: bool = False, jobs: int = 1,
               parts: list[str] | None = None, seeds: list[int] | None = None) -> dict:
@@ -147,7 +151,7 @@ def run_bench(size_name: str = "full", out: str | Path = "runs/bench", docs: str
                "resumed": resume, "jobs": jobs, "training": training_time(size, out),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "machine": machine()}
     write_json(out / f"{name}.json", results, sort_keys=False)  # the methods' and knobs' order is the report's
-    folder = docs / "figures" / ("" if name == "bench" else name)
+    folder = figures_dir(docs, name)
     figures = write_figures(folder, tasks, efficiency, results["gamma"], results["fronts"])
     write_section(docs / "benchmarks.md", name, report(size_name, size, results, figures, docs))
     return results
@@ -165,7 +169,7 @@ def rewrite_report(out: str | Path, docs: str | Path | None = None, parts: list[
         results["efficiency"].update({k: {int(n): v for n, v in results["efficiency"][k].items()}
                                       for k in ("ctrl", "cfg", "cfg_w")})
     results["gamma"] = {t: {float(g): v for g, v in sweep.items()} for t, sweep in results["gamma"].items()}
-    folder = docs / "figures" / ("" if name == "bench" else name)
+    folder = figures_dir(docs, name)
     figures = {"gamma": folder / "gamma_sweep.png"} if results["tasks"] else {}
     if results["efficiency"] is not None:
         figures["efficiency"] = folder / "sample_efficiency.png"
