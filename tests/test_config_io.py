@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctrldiff.config import PRESETS, Config, RLConfig, apply_overrides, from_dict, preset
+from ctrldiff.config import ADDED, PRESETS, Config, RLConfig, apply_overrides, config_diff, from_dict, preset
 from ctrldiff.io import (
     CtrlDiffError,
     atomic_path,
@@ -94,6 +94,17 @@ def test_from_dict_round_trip(name):
     back = from_dict(cfg.to_dict())
     assert back == cfg
     assert back.rl.controls is not cfg.rl.controls
+
+
+def test_a_config_written_before_a_key_existed_reads_as_the_value_it_had(monkeypatch):
+    """`ADDED`: a run's config.json from before a key existed resumes under today's config when today's value is
+    the one it ran with, and not otherwise; read back, it has that value whatever today's default."""
+    monkeypatch.setitem(ADDED, "rl.warmup", 7)  # a legacy value apart from today's default (0)
+    old = Config().to_dict()
+    del old["rl"]["warmup"]
+    assert config_diff(old, apply_overrides(Config(), ["rl.warmup=7"]).to_dict()) is None
+    assert config_diff(old, Config().to_dict()) == "rl.warmup: run 7, now 0"
+    assert from_dict(old).rl.warmup == 7
 
 
 def test_from_dict_unknown_key_raises():

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -173,16 +174,21 @@ def test_final_step_by_the_base_changes_only_the_last_state(tiny_backend):
 
 
 def test_cosine_schedule_decays_to_zero_and_resumes_bit_identically(tiny_backend, tmp_path):
-    """The rate is a function of the step alone: a run stopped after 3 of 6 steps and resumed from its
-    checkpoint ends with the same adapter as the uninterrupted run (a counter reset on resume would not)."""
+    """The rate is a function of the step alone, warm-up included: a run stopped after 3 of 6 steps (inside a
+    4-step warm-up) and resumed from its checkpoint ends with the same adapter as the uninterrupted run (a counter
+    reset on resume would not)."""
     assert lr_factor("cosine", 0, 6) == 1.0 and lr_factor("cosine", 3, 6) == pytest.approx(0.5)
     assert lr_factor("constant", 5, 6) == 1.0 and lr_factor("cosine", 6, 6) == pytest.approx(0.0)
+    assert lr_factor("constant", 0, 6, warmup=4) == 0.25 and lr_factor("constant", 3, 6, warmup=4) == 1.0
+    assert lr_factor("cosine", 1, 6, warmup=4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 6)))
     with pytest.raises(CtrlDiffError, match="lr_schedule='linear'"):
         lr_factor("linear", 0, 6)
     cfg = tiny()
-    cfg.rl.steps, cfg.rl.lr_schedule, cfg.rl.monitor_every = 6, "cosine", 100
+    cfg.rl.steps, cfg.rl.lr_schedule, cfg.rl.monitor_every, cfg.rl.warmup = 6, "cosine", 100, 4
     term = _brightness_task(tiny_backend, cfg)
-    whole, _ = finetune(tiny_backend, [term], cfg, progress=False)
+    rates = []
+    whole, _ = finetune(tiny_backend, [term], cfg, progress=False, log=lambda s: rates.append(s["lr/lora"]))
+    assert rates[0] == pytest.approx(cfg.rl.lr_lora / 4) and rates[0] < rates[1] < rates[2]  # the ramp
 
     def stop_after_three(stats):
         if stats["step"] == 3:

@@ -72,6 +72,8 @@ class RLConfig:
     lr_emb: float = 0.1  # the new embeddings learn faster (official: 1e-2); see docs/benchmarks.md
     weight_decay: float = 0.1
     lr_schedule: str = "cosine"  # both rates decay to zero over rl.steps; or "constant" (docs/tuning.md)
+    warmup: int = 0  # both rates ramp up linearly over this many first steps; 40 of 400 ended no nearer the
+    # target at lr 1e-2 and made 2e-2 trainable but no better (docs/tuning.md, warm-up)
     clip: float = 5.0  # grad-norm clip
     truncate: int | str | None = None  # None = full back-propagation; last-K steps (int) or "random" (the official
     # scheme): its biased gradient stalled log Z - J at 10-14 nats on the trusted requests where full back-propagation
@@ -322,7 +324,7 @@ LIMITS = {
     "classifier.val_frac": (0.01, 0.99), "classifier.noise": (0, None), "classifier.shift": (0, 8),
     "classifier.checkpoint_every": (1, None), "classifier.width": (8, 512), "classifier.base_pairs": (0, None),
     "rl.steps": (1, None), "rl.batch": (1, None), "rl.lora_rank": (0, None), "rl.lr_lora": (0, 10),
-    "rl.lr_emb": (0, 10), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (0, None),
+    "rl.lr_emb": (0, 10), "rl.warmup": (0, None), "rl.weight_decay": (0, None), "rl.clip": (0, None), "rl.monitor_every": (0, None),
     "rl.checkpoint_every": (1, None), "rl.adjoint_updates": (1, None),
     "triplets.steps": (1, None), "triplets.batch": (1, None), "triplets.lora_rank": (0, None),
     "triplets.lr_lora": (0, 10), "triplets.lr_emb": (0, 10), "triplets.weight_decay": (0, None),
@@ -353,11 +355,17 @@ def _keys(obj) -> list[str]:
     return sorted(obj) if isinstance(obj, dict) else []
 
 
+# Keys added after runs were written with the code before them, and the value that reproduces those runs: a run
+# that lacks one had it (`config_diff`, `from_dict`), so a new option does not invalidate resuming older runs.
+ADDED = {"rl.warmup": 0}
+
+
 def config_diff(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first key where two `Config.to_dict()`s differ, as 'key: run X, now Y' (None if equal);
-    `checkpoint_every` may change on resume: it moves no number."""
+    """The first key where two `Config.to_dict()`s differ, as 'key: run X, now Y' (None if equal); a key `old`
+    lacks counts as its `ADDED` value; `checkpoint_every` may change on resume: it moves no number."""
     for key in sorted(set(old) | set(new), key=lambda k: (k != "name", k)):  # the preset's name first
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        name = f"{prefix}{key}"
+        a, b = old[key] if key in old else ADDED.get(name), new.get(key)
         if key == "checkpoint_every":
             continue
         if isinstance(a, dict) and isinstance(b, dict) and not name.endswith("controls"):
@@ -381,4 +389,8 @@ def from_dict(d: dict) -> Config:
                     setattr(getattr(cfg, section), k, dict(v))
         else:
             cfg = apply_overrides(cfg, [f"{section}={json.dumps(values)}"])
+    for name, value in ADDED.items():  # what a config written before the key existed had
+        section, key = name.split(".")
+        if key not in d.get(section, {}):
+            setattr(getattr(cfg, section), key, value)
     return cfg

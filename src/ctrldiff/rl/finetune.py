@@ -39,19 +39,20 @@ class RewardTerm:
 MIN_ETA = 1e-3
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
     """The learning rate at `step` over its configured value: constant, or a cosine decay to zero over `total`
-    steps (the 2-D exactness study's setting, docs/exactness.md). A pure function of the step, so a resumed run
-    needs no scheduler state."""
+    steps (the 2-D exactness study's setting, docs/exactness.md), times a linear ramp over the first `warmup`
+    steps. A pure function of the step, so a resumed run needs no scheduler state."""
     if schedule not in LR_SCHEDULES:
         raise CtrlDiffError(f"rl.lr_schedule={schedule!r}; choose from {LR_SCHEDULES}")
-    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / total))
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return ramp * (1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / total)))
 
 
-def set_lr(opt, base_lrs: list[float], schedule: str, step: int, total: int) -> None:
+def set_lr(opt, base_lrs: list[float], schedule: str, step: int, total: int, warmup: int = 0) -> None:
     """Each parameter group's rate at `step`: its configured rate (`base_lrs`) times `lr_factor`."""
     for grp, lr in zip(opt.param_groups, base_lrs):
-        grp["lr"] = lr * lr_factor(schedule, step, total)
+        grp["lr"] = lr * lr_factor(schedule, step, total, warmup)
 
 
 def start_from(model: ControlledDenoiser, init: ControlledDenoiser) -> None:
@@ -168,7 +169,7 @@ def finetune(backend, terms: list[RewardTerm], cfg: Config, log=None, progress: 
             stats["gap"] = meter(log_z, cond, controls, j)
             stats["gap_all"] = all_request_meter(log_z, paths, cond, controls, j)
         # --- update the new parameters only (Adjoint Matching: once per group of regressed steps)
-        set_lr(opt, base_lrs, rc.lr_schedule, step, rc.steps)
+        set_lr(opt, base_lrs, rc.lr_schedule, step, rc.steps, rc.warmup)
         for loss_of in losses:
             loss = loss_of()
             scale.backward(loss, accelerator)
