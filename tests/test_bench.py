@@ -55,7 +55,10 @@ def test_quick_bench_writes_every_table_and_figure(tmp_path, monkeypatch):
     assert [len(results["front_seeds"][t]) for t in TASKS] == [len(size.seeds), len(size.multi_seeds)]
     warm = {k for k, v in inits.items() if v}
     assert warm == {"compress4/seed0/gamma/g1", "compress4/seed1/gamma/g1", "multi/seed0/gamma/g1"}, inits
-    assert json.loads((out / "compress4/seed1/gamma/g1/config.json").read_text())["rl"]["steps"] == size.gamma_steps
+    rl = json.loads((out / "compress4/seed1/gamma/g1/config.json").read_text())["rl"]
+    preset = C.preset(size.preset).rl  # a warm start at a fraction of the rates
+    assert (rl["steps"], rl["lr_lora"], rl["lr_emb"]) == (size.gamma_steps, size.gamma_rate * preset.lr_lora,
+                                                          size.gamma_rate * preset.lr_emb)
     assert all(math.isfinite(g["final_gap"]) for sweep in results["gamma"].values() for g in sweep.values())
     assert "CTRL from 20 pairs against CFG from 40 triplets: accuracy" in text
     assert results["seconds"] > 0 and results["peak_rss_gb"] > 0

@@ -117,13 +117,15 @@ def gamma_model(size: BenchSize, task: str, seed: int, gamma: float, out: Path, 
                 report_to: str) -> tuple[C.Config, Path]:
     """CTRL of one task and seed at `gamma` (every control at it): its config and run folder. The task's own gamma
     is the seed's CTRL model; any other is a fine-tune that starts from it (its new parameters) and runs
-    `size.gamma_steps` steps (None: from scratch, `rl.steps`), trained here unless `resume` finds it finished."""
+    `size.gamma_steps` steps at `size.gamma_rate` times the rates (None: from scratch, `rl.steps` at the rates),
+    trained here unless `resume` finds it finished."""
     cfg, seed_dir = task_config(size, dict.fromkeys(TASKS[task], gamma), seed), out / task / f"seed{seed}"
     if gamma not in swept(size, task):
         return cfg, seed_dir / "ctrl"
     warm, root = size.gamma_steps is not None, gamma_dir(out, task, seed, gamma)
     if warm:
-        cfg.rl.steps = size.gamma_steps
+        cfg.rl.steps, cfg.rl.lr_lora, cfg.rl.lr_emb = (size.gamma_steps, size.gamma_rate * cfg.rl.lr_lora,
+                                                       size.gamma_rate * cfg.rl.lr_emb)
     if run := stage(root, cfg, "ctrl.safetensors", resume, report_to):
         init = ControlledDenoiser.load(seed_dir / "ctrl" / "ctrl.safetensors", backend) if warm else None
         run_finetune(cfg, run, load_reward_terms(cfg, seed_dir / "classifiers"), backend, progress=False, init=init)
