@@ -48,7 +48,8 @@ class BenchSize:
     gamma_steps: int | None = 60  # the gamma sweep's fine-tunes start from the task's own CTRL model (gamma 10)
     # and run this many steps (None: from scratch, rl.steps): docs/benchmarks.md, section gamma-warm
     gamma_rate: float = 0.1  # ... at this fraction of the preset's learning rates: at the full rates a warm start
-    # at gamma 100 collapsed (digit fidelity 0.12); a tenth ended 1-17 nats nearer each gamma's target (gamma-rate)
+    # at gamma 100 collapsed (digit fidelity 0.12); a tenth ended 0.6-17.6 nats nearer each gamma's target
+    # (docs/benchmarks.md, section gamma-rate)
 
 SIZES = {
     "full": BenchSize("default", [0, 1, 2], [0], 128, 128),

@@ -154,8 +154,8 @@ def report(size_name: str, size: BenchSize, results: dict, figures: dict[str, Pa
         (f"![gamma sweep]({rel['gamma']})\n\nCTRL for each γ (every control of the task at γ), the first seed's "
          "classifiers; the paper fixes γ and leaves this curve open. "
          + (f"Each γ besides 10 starts from the γ = 10 model and fine-tunes {size.gamma_steps} steps at "
-            f"{size.gamma_rate:g}× the learning rates (section gamma-warm below measures this against fine-tunes "
-            "from scratch); "
+            f"{size.gamma_rate:g}× the learning rates (sections gamma-rate and gamma-warm below measure the rate, and "
+            "warm starts against fine-tunes from scratch); "
             if size.gamma_steps is not None else "Each γ is fine-tuned from scratch; ")
          + "log Z − J (nats to the objective's optimum) from each γ's meter paths after its fine-tune: over the "
          "requests the bank trusts at every γ (the same requests for every γ; how many in brackets), and over all "
