@@ -60,6 +60,8 @@ def main() -> None:
         ap.error(f"{seed_dir}: no finished CTRL model (run `ctrldiff bench --parts {args.task} --seeds {args.seed}`)")
     if 10.0 in args.gammas or any(g <= 0 for g in args.gammas) or any(r <= 0 for r in args.rates):
         ap.error(f"--gammas {args.gammas} --rates {args.rates}: each > 0, and no gamma 10 (the start)")
+    if args.parallel < 1:
+        ap.error(f"--parallel {args.parallel}: choose 1 or more")
     t0 = time.time()
     runs = {(gamma, rate): (run_config(args, gamma, rate), args.out / f"g{gamma:g}-r{rate:g}")
             for gamma, rate in itertools.product(args.gammas, args.rates)}
@@ -70,8 +72,8 @@ def main() -> None:
     env, torch_threads = bench.environment("default"), torch.get_num_threads()
     paths = {"classifiers": seed_dir / "classifiers"}
     ten = measure_meter(task_config(bench.SIZES["full"], bench.TASKS[args.task], args.seed),
-                              paths | {"ctrl": seed_dir / "ctrl" / "ctrl.safetensors", "measured": seed_dir / "measured"},
-                              env, args.seed)
+                        paths | {"ctrl": seed_dir / "ctrl" / "ctrl.safetensors", "measured": seed_dir / "measured"},
+                        env, args.seed)  # the start's meter: its trusted requests join the common ones
     rows = {}
     for key, (cfg, root) in runs.items():
         p = paths | {"ctrl": root / "ctrl.safetensors", "measured": root / "measured"}
